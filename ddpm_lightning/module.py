@@ -1,0 +1,236 @@
+"""DiffusionModule: the LightningModule that wires a U-Net to the Gaussian diffusion process. Glue only.
+
+The network lives in :mod:`ddpm_lightning.nn`, the schedule and the loss in :mod:`ddpm_lightning.diffusion`, the
+samplers in :mod:`ddpm_lightning.samplers`. This module draws ``t``, applies label dropout for classifier-free
+guidance, logs, and builds the optimizer and the learning-rate schedule chosen in YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from ddpm_lightning.diffusion import GaussianDiffusion
+from ddpm_lightning.nn import UNet
+from ddpm_lightning.samplers import guided_denoise_fn, sample
+from ddpm_lightning.schedules import make_betas
+
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+class DiffusionModule(L.LightningModule):
+    """A DDPM (Ho et al. 2020): U-Net noise predictor + Gaussian diffusion, trained with the simple MSE loss.
+
+    Data-decided sizes (``in_channels``, ``image_size``, ``num_classes``) are linked from the DataModule by the CLI.
+
+    Args:
+        in_channels: image channels (linked from ``data.channels``).
+        image_size: image side length (linked from ``data.image_size``).
+        num_classes: number of labels in the data (linked from ``data.num_classes``); used when ``conditional``.
+        conditional: condition on class labels (with a null class for classifier-free guidance).
+        base_channels, channel_mults, num_res_blocks, attention_resolutions, dropout, num_heads, num_groups: the
+            U-Net's shape, see :class:`ddpm_lightning.nn.UNet`.
+        schedule: beta schedule name (linear, cosine, sigmoid, polynomial).
+        num_timesteps: diffusion steps T (>= 2).
+        schedule_params: extra parameters of the schedule (e.g. ``{s: 0.008}`` for cosine).
+        prediction_type: what the network predicts: ``eps``, ``x0`` or ``v``.
+        min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023); ``None`` for the plain loss.
+        cond_drop_prob: probability of replacing a label by the null class during training (Ho & Salimans 2022).
+        val_timesteps: validation loss is averaged over this many fixed, evenly spaced t with fixed noise, so the
+            curve measures the model and not the draw of t.
+        optimizer: optimizer class and arguments (YAML ``class_path``/``init_args``).
+        lr_scheduler: optional learning-rate scheduler (e.g. ``torch.optim.lr_scheduler.StepLR``).
+        lr_scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none); chained with
+            ``lr_scheduler``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int = 0,
+        conditional: bool = False,
+        base_channels: int = 64,
+        channel_mults: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        num_heads: int = 1,
+        num_groups: int = 32,
+        schedule: str = "linear",
+        num_timesteps: int = 1000,
+        schedule_params: dict[str, Any] | None = None,
+        prediction_type: str = "eps",
+        min_snr_gamma: float | None = None,
+        cond_drop_prob: float = 0.0,
+        val_timesteps: int = 10,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: str = "epoch",
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if conditional and num_classes < 1:
+            raise ValueError("conditional=true needs a dataset with class labels (num_classes >= 1)")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if lr_scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(
+                f"unknown lr_scheduler_interval {lr_scheduler_interval!r}; choose one of: "
+                + ", ".join(SCHEDULER_INTERVALS)
+            )
+        if val_timesteps < 1 or warmup_steps < 0:
+            raise ValueError("val_timesteps must be >= 1 and warmup_steps >= 0")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.net = UNet(
+            in_channels=in_channels,
+            image_size=image_size,
+            base_channels=base_channels,
+            channel_mults=tuple(channel_mults),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=tuple(attention_resolutions),
+            dropout=dropout,
+            num_classes=num_classes if conditional else None,
+            num_heads=num_heads,
+            num_groups=num_groups,
+        )
+        betas = make_betas(schedule, num_timesteps, **(schedule_params or {}))
+        self.diffusion = GaussianDiffusion(betas, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    # -- conditioning ------------------------------------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return bool(self.hparams.conditional)
+
+    def _labels_for_training(self, y: Tensor) -> Tensor | None:
+        """Labels fed to the net: None if unconditional; else y with a fraction replaced by the null class."""
+        if not self.conditional:
+            return None
+        p = self.hparams.cond_drop_prob
+        if p > 0:
+            drop = torch.rand(y.shape, device=y.device) < p  # (B,)
+            y = torch.where(drop, torch.full_like(y, self.net.null_label), y)
+        return y
+
+    def _denoise_fn(self, y: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x_t, t: self.net(x_t, t, y)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x_start, y = batch  # (B, C, H, W) in [-1, 1], (B,)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        loss = self.diffusion.training_loss(self._denoise_fn(self._labels_for_training(y)), x_start, t).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x_start.shape[0])
+        if self._trainer is not None:
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _fixed_grid_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Mean loss over ``val_timesteps`` evenly spaced t, with noise seeded by the batch index (smooth curve)."""
+        x_start, y = batch
+        y_in = y if self.conditional else None
+        gen = torch.Generator(device=x_start.device).manual_seed(10_000 + batch_idx)
+        grid = torch.linspace(0, self.diffusion.num_timesteps - 1, self.hparams.val_timesteps).round().long()
+        losses = []
+        for t_value in grid.tolist():
+            t = torch.full((x_start.shape[0],), t_value, device=x_start.device, dtype=torch.long)
+            noise = torch.randn(x_start.shape, generator=gen, device=x_start.device, dtype=x_start.dtype)
+            losses.append(self.diffusion.training_loss(self._denoise_fn(y_in), x_start, t, noise=noise).mean())
+        return torch.stack(losses).mean()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._fixed_grid_loss(batch, batch_idx)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._fixed_grid_loss(batch, batch_idx)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch[0].shape[0])
+        return loss
+
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        schedulers = []
+        if self.hparams.warmup_steps > 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0 / self.hparams.warmup_steps, total_iters=self.hparams.warmup_steps
+            )
+            schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
+        if self.lr_scheduler_factory is not None:
+            schedulers.append(
+                {"scheduler": self.lr_scheduler_factory(optimizer), "interval": self.hparams.lr_scheduler_interval}
+            )
+        if not schedulers:
+            return optimizer
+        return [optimizer], schedulers
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            yield
+        finally:
+            self.net.train(was_training)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        num_samples: int,
+        labels: Tensor | Sequence[int] | None = None,
+        sampler: Literal["ddpm", "ddim"] = "ddim",
+        num_steps: int = 50,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
+        clip_x0: bool = True,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W), with the weights currently in the module.
+
+        ``labels`` (N,) selects classes on a conditional model (None: unconditional / null class);
+        ``guidance_scale`` w gives ``uncond + w (cond - uncond)`` (1: plain conditional). ``sampler="ddpm"`` runs
+        all T ancestral steps (``variance`` chooses sigma_t^2 = beta-tilde or beta); ``"ddim"`` runs ``num_steps``
+        steps with stochasticity ``eta``. With ``return_trajectory`` also returns x_t for every step,
+        (steps + 1, N, C, H, W), from pure noise to the sample.
+        """
+        hp = self.hparams
+        y = None
+        if labels is not None:
+            if not self.conditional:
+                raise ValueError("labels given, but this model is unconditional (conditional=false)")
+            y = torch.as_tensor(labels, device=self.device, dtype=torch.long)
+            if y.shape != (num_samples,):
+                raise ValueError(f"labels must have shape ({num_samples},), got {tuple(y.shape)}")
+        if self.conditional:
+            denoise = guided_denoise_fn(self.net, y, guidance_scale, self.net.null_label)
+        else:
+            denoise = self._denoise_fn(None)
+        shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)
+        kwargs: dict[str, Any] = {"variance": variance} if sampler == "ddpm" else {"num_steps": num_steps, "eta": eta}
+        with self._eval_mode():
+            return sample(
+                denoise,
+                self.diffusion,
+                shape,
+                sampler=sampler,
+                generator=generator,
+                device=self.device,
+                clip_x0=clip_x0,
+                return_trajectory=return_trajectory,
+                progress=progress,
+                **kwargs,
+            )

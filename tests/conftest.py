@@ -1,0 +1,39 @@
+"""Shared fixtures: the real offline datasets in ../shared/data and tiny model overrides for fast CPU runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DDPM_SHARED_DATA", REPO.parent / "shared" / "data"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+#: overrides that shrink any config's U-Net to a few thousand parameters for fast_dev_run on CPU
+TINY_MODEL_ARGS = [
+    "--model.base_channels=8",
+    "--model.channel_mults=[1,2]",
+    "--model.num_res_blocks=1",
+    "--model.attention_resolutions=[14]",
+    "--model.num_groups=4",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real MNIST / Fashion-MNIST files (torchvision layout); skips when absent."""
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        msg = f"real data not found at {SHARED_DATA} (set DDPM_SHARED_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI always has ../shared/data: its absence is a broken setup, not a skip
+        pytest.skip(msg)
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
