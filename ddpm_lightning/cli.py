@@ -54,7 +54,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DDPMCLI:
         auto_configure_optimizers=False,
         args=args,
         run=run,
-        parser_kwargs={"parser_mode": "yaml"},
+        parser_kwargs={"parser_mode": "yaml", "allow_abbrev": False},
     )
 
 

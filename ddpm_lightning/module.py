@@ -47,8 +47,8 @@ class DiffusionModule(L.LightningModule):
         optimizer: optimizer class and arguments (YAML ``class_path``/``init_args``).
         lr_scheduler: optional learning-rate scheduler (e.g. ``torch.optim.lr_scheduler.StepLR``).
         lr_scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
-        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none); chained with
-            ``lr_scheduler``.
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps, from ``lr / warmup_steps`` to
+            ``lr`` (0 = none); multiplies with ``lr_scheduler``, which keeps its own interval.
     """
 
     def __init__(

@@ -1,0 +1,146 @@
+"""DiffusionModule: checkpoints keep EMA weights, sampling, label dropout, LR schedules, and real-data learning."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from ddpm_lightning.callbacks import EMA
+from ddpm_lightning.module import DiffusionModule
+
+TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4, num_timesteps=50)
+
+
+def _tiny_model(**kw) -> DiffusionModule:
+    args = dict(in_channels=1, image_size=8, num_classes=3, **TINY)
+    args.update(kw)
+    return DiffusionModule(**args)
+
+
+def _loader(n: int = 32) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def _trainer(tmp_path, **kw) -> L.Trainer:
+    args = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def test_checkpoint_round_trip_keeps_ema_weights(tmp_path):
+    L.seed_everything(0)
+    model = _tiny_model(conditional=True, cond_drop_prob=0.2)
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, _loader(), _loader(16))
+    ema_cb = trainer.callbacks[0]
+    ema_state = {k: v.clone() for k, v in ema_cb._average_model.module.state_dict().items()}
+    path = tmp_path / "ckpt" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) >= {"state_dict", "current_model_state", "averaging_state"}
+    for k, v in ckpt["state_dict"].items():
+        torch.testing.assert_close(v, ema_state[k], rtol=0, atol=0)
+    assert not torch.equal(ckpt["state_dict"]["net.conv_in.weight"], ckpt["current_model_state"]["net.conv_in.weight"])
+
+    # loading for inference: needs no config (hyperparameters are saved) and gets the EMA weights
+    loaded = DiffusionModule.load_from_checkpoint(path, weights_only=True)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, ema_state[k], rtol=0, atol=0)
+
+    # resuming restores both the raw weights and the EMA model exactly
+    resumed = _tiny_model(conditional=True, cond_drop_prob=0.2)
+    trainer2 = _trainer(tmp_path, max_epochs=2)
+    trainer2.fit(resumed, _loader(), _loader(16), ckpt_path=path, weights_only=True)  # no more epochs to run
+    for k, v in trainer2.callbacks[0]._average_model.module.state_dict().items():
+        torch.testing.assert_close(v, ema_state[k], rtol=0, atol=0)
+    assert trainer2.global_step == trainer.global_step
+
+
+def test_sample_shapes_determinism_and_labels():
+    model = _tiny_model(conditional=True)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a = model.sample(6, labels=[0, 1, 2, 0, 1, 2], num_steps=5, guidance_scale=2.0, generator=g())
+    b = model.sample(6, labels=[0, 1, 2, 0, 1, 2], num_steps=5, guidance_scale=2.0, generator=g())
+    assert a.shape == (6, 1, 8, 8) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    x, traj = model.sample(2, sampler="ddpm", generator=g(), return_trajectory=True)
+    assert traj.shape == (51, 2, 1, 8, 8) and torch.equal(traj[-1], x)
+    assert model.net.training  # sample() restores the training mode
+    with pytest.raises(ValueError, match="shape"):
+        model.sample(3, labels=[1, 2])
+    with pytest.raises(ValueError, match="unconditional"):
+        _tiny_model().sample(2, labels=[0, 1])
+
+
+def test_label_dropout_rate():
+    torch.manual_seed(0)
+    model = _tiny_model(conditional=True, cond_drop_prob=0.25)
+    y = torch.zeros(40_000, dtype=torch.long)
+    dropped = (model._labels_for_training(y) == model.net.null_label).float().mean().item()
+    assert abs(dropped - 0.25) < 0.01
+    assert _tiny_model()._labels_for_training(y) is None
+
+
+def test_warmup_chained_with_step_lr(tmp_path):
+    from functools import partial
+
+    model = _tiny_model(
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        warmup_steps=4,
+    )
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[Record()], enable_checkpointing=False)
+    trainer.fit(model, _loader(32))  # 4 steps per epoch
+    # warm-up: factor 1/4 rising linearly to 1 over 4 steps (1/4 + 3/4 * k/4) in epoch 0; then StepLR halves
+    assert lrs == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 0.5, 0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"conditional": True, "num_classes": 0}, "conditional"),
+    ({"lr_scheduler_interval": "batch"}, "epoch, step"),
+    ({"cond_drop_prob": 1.0}, "cond_drop_prob"),
+])
+def test_bad_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        _tiny_model(**kwargs)
+
+
+@pytest.mark.slow
+def test_real_mnist_validation_loss_drops(shared_data, tmp_path):
+    """A few hundred steps on the real MNIST drive the fixed-grid validation loss clearly below its start."""
+    from ddpm_lightning.data import MNISTDataModule
+
+    L.seed_everything(0)
+    dm = MNISTDataModule(root=str(shared_data), download=False, batch_size=64, val_size=512)
+    model = DiffusionModule(
+        in_channels=1, image_size=28, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_groups=8,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=300, val_check_interval=300, limit_val_batches=4, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    start = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
+    trainer.fit(model, dm)
+    end = trainer.callback_metrics["val/loss"].item()
+    assert start > 0.5  # an untrained eps-predictor is near the unit variance of the noise
+    assert end < 0.5 * start, (start, end)
