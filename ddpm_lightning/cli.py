@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from argparse import ArgumentError
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,6 +23,7 @@ from ddpm_lightning.module import DiffusionModule
 
 #: error types that mean "the user's input is wrong", reported in one line
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    ArgumentError,  # a config key or value the parser rejects
     ValueError,
     FileNotFoundError,
     DatasetNotFoundError,
@@ -54,7 +56,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DDPMCLI:
         auto_configure_optimizers=False,
         args=args,
         run=run,
-        parser_kwargs={"parser_mode": "yaml", "allow_abbrev": False},
+        parser_kwargs={"parser_mode": "yaml", "allow_abbrev": False, "exit_on_error": False},
     )
 
 
@@ -65,8 +67,10 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if os.environ.get("DDPM_DEBUG"):
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = " ".join(line.strip() for line in str(err).strip().splitlines()) or type(err).__name__
         print(f"ddpm: error: {msg}", file=sys.stderr)
+        if isinstance(err, ArgumentError):
+            print("ddpm: see `ddpm --help` and `ddpm SUBCOMMAND --help` for the options", file=sys.stderr)
         sys.exit(2)
 
 

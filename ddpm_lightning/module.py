@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from ddpm_lightning.diffusion import GaussianDiffusion
+from ddpm_lightning.diffusion import GaussianDiffusion, PredictionType
 from ddpm_lightning.nn import UNet
 from ddpm_lightning.samplers import guided_denoise_fn, sample
-from ddpm_lightning.schedules import make_betas
+from ddpm_lightning.schedules import ScheduleName, make_betas
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 
@@ -64,16 +64,16 @@ class DiffusionModule(L.LightningModule):
         dropout: float = 0.0,
         num_heads: int = 1,
         num_groups: int = 32,
-        schedule: str = "linear",
+        schedule: ScheduleName = "linear",
         num_timesteps: int = 1000,
         schedule_params: dict[str, Any] | None = None,
-        prediction_type: str = "eps",
+        prediction_type: PredictionType = "eps",
         min_snr_gamma: float | None = None,
         cond_drop_prob: float = 0.0,
         val_timesteps: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: str = "epoch",
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()

@@ -114,11 +114,14 @@ def test_warmup_chained_with_step_lr(tmp_path):
     assert lrs == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 0.5, 0.5, 0.5, 0.5])
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"conditional": True, "num_classes": 0}, "conditional"),
-    ({"lr_scheduler_interval": "batch"}, "epoch, step"),
-    ({"cond_drop_prob": 1.0}, "cond_drop_prob"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"conditional": True, "num_classes": 0}, "conditional"),
+        ({"lr_scheduler_interval": "batch"}, "epoch, step"),
+        ({"cond_drop_prob": 1.0}, "cond_drop_prob"),
+    ],
+)
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         _tiny_model(**kwargs)
@@ -132,12 +135,24 @@ def test_real_mnist_validation_loss_drops(shared_data, tmp_path):
     L.seed_everything(0)
     dm = MNISTDataModule(root=str(shared_data), download=False, batch_size=64, val_size=512)
     model = DiffusionModule(
-        in_channels=1, image_size=28, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_groups=8,
+        in_channels=1,
+        image_size=28,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        num_groups=8,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
     )
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=300, val_check_interval=300, limit_val_batches=4, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_steps=300,
+        val_check_interval=300,
+        limit_val_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     start = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     trainer.fit(model, dm)

@@ -65,9 +65,7 @@ def test_out_channels_and_heads():
 
 def test_cifar10_parameter_count_matches_ddpm_paper():
     # Ho et al. 2020, Sec. 4: "Our CIFAR10 model has 35.7 million parameters"
-    net = UNet(
-        3, 32, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,)
-    )
+    net = UNet(3, 32, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,))
     n = num_params(net)
     assert abs(n - 35.7e6) <= 0.1e6, n
     assert n == 35_746_307  # same as openai/improved-diffusion's port of the DDPM model

@@ -47,9 +47,7 @@ class SinusoidalTimeEmbedding(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         if dim < 4 or dim % 2 != 0:
-            raise ValueError(
-                f"the sinusoidal time embedding needs an even width >= 4 (base_channels); got {dim}"
-            )
+            raise ValueError(f"the sinusoidal time embedding needs an even width >= 4 (base_channels); got {dim}")
         self.dim = dim
         self.linear1 = nn.Linear(dim, 4 * dim)
         self.linear2 = nn.Linear(4 * dim, 4 * dim)
@@ -76,9 +74,7 @@ class ResBlock(nn.Module):
     SiLU (the U-Net applies it once for all blocks, as DDPM's ``dense(nonlinearity(temb))`` does per block).
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, num_groups: int
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, num_groups: int) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
@@ -121,14 +117,10 @@ class AttentionBlock(nn.Module):
         """x (B, C, H, W) -> (B, C, H, W)."""
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.reshape(b, 3 * self.num_heads, c // self.num_heads, h * w).transpose(
-            -1, -2
-        )  # (B, 3nh, L, hd)
+        qkv = qkv.reshape(b, 3 * self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)  # (B, 3nh, L, hd)
         q, k, v = qkv.chunk(3, dim=1)  # each (B, nh, L, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hd), softmax(q k^T / sqrt(hd)) v
-        out = (
-            out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        )  # (B, C, H, W), channels_last strides
+        out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
         return x + self.proj(out)
 
 

@@ -180,9 +180,7 @@ class UNet(nn.Module):
             raise ValueError("channel_mults must have at least one level, e.g. (1, 2, 2)")
         _check_positive(**{f"channel_mults[{i}]": m for i, m in enumerate(channel_mults)})
         resolutions = level_resolutions(image_size, channel_mults)
-        _validate(
-            base_channels, channel_mults, resolutions, attention_resolutions, dropout, num_heads, num_groups
-        )
+        _validate(base_channels, channel_mults, resolutions, attention_resolutions, dropout, num_heads, num_groups)
 
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.out_channels = out_channels or in_channels
@@ -251,9 +249,7 @@ class UNet(nn.Module):
         if self.class_embed is not None:
             emb = emb + self.class_embed(self._labels(y, x.shape[0], x.device))  # (B, E)
         elif y is not None:
-            raise ValueError(
-                "y was given but this UNet is unconditional; build it with num_classes to use labels"
-            )
+            raise ValueError("y was given but this UNet is unconditional; build it with num_classes to use labels")
         emb = F.silu(emb)  # the nonlinearity every ResBlock applies to the embedding, done once
 
         h = self.conv_in(x)  # (B, base, H, W)
