@@ -27,6 +27,20 @@ VarianceType = Literal["fixed_small", "fixed_large"]
 SamplerName = Literal["ddpm", "ddim"]
 
 SampleOutput = Tensor | tuple[Tensor, Tensor]
+#: one generator for the whole batch, or one per sample: then sample i's noise depends on its own generator only,
+#: so a sample is the same whatever batch (or DDP rank) it is drawn in
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(
+    shape: Sequence[int], generator: Generators, device: torch.device | str | None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """N(0, I) noise of ``shape`` (B, ...): from one generator, or row i from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
 def _choice_error(what: str, value: object, allowed: tuple) -> ValueError:
@@ -36,7 +50,7 @@ def _choice_error(what: str, value: object, allowed: tuple) -> ValueError:
 def _initial_noise(
     shape: Sequence[int],
     x_T: Tensor | None,
-    generator: torch.Generator | None,
+    generator: Generators,
     device: torch.device | str | None,
 ) -> Tensor:
     """x_T (B, C, H, W): the given one, or N(0, I) drawn with ``generator`` on ``device``."""
@@ -44,7 +58,7 @@ def _initial_noise(
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
         return x_T.to(device) if device is not None else x_T
-    return torch.randn(tuple(shape), generator=generator, device=device)
+    return randn(shape, generator, device)
 
 
 def _finish(x: Tensor, trajectory: list[Tensor] | None) -> SampleOutput:
@@ -70,7 +84,7 @@ def ddpm_sample(
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     variance: VarianceType = "fixed_small",
     clip_x0: bool = True,
@@ -87,7 +101,7 @@ def ddpm_sample(
         denoise_fn: (x_t, t) -> model output in diffusion.prediction_type.
         diffusion: the process (schedule buffers on ``device``).
         shape: (B, C, H, W).
-        generator: source of x_T and of the per-step noise; must live on ``device``.
+        generator: source of x_T and of the per-step noise, one for the batch or one per sample; on ``device``.
         device: where to sample; default x_T's device, else the diffusion buffers' device.
         variance: sigma_t^2, "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t).
         clip_x0: clamp predicted x_0 to the data range [-1, 1].
@@ -112,7 +126,7 @@ def ddpm_sample(
                 x0 = x0.clamp(-1.0, 1.0)
             mean, _, _ = diffusion.q_posterior(x0, x, t)
             if i > 0:
-                noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+                noise = randn(x.shape, generator, device, x.dtype)
                 x = mean + (0.5 * extract(log_variance_table, t, x.shape)).exp() * noise
             else:
                 x = mean  # t=0: mu-tilde_0 = x_0, and no noise (Algorithm 2, line 3: z = 0 if t = 1)
@@ -144,7 +158,7 @@ def ddim_sample(
     *,
     num_steps: int = 50,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     clip_x0: bool = True,
     x_T: Tensor | None = None,
@@ -189,7 +203,7 @@ def ddim_sample(
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
             x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
             if eta > 0 and i < len(timesteps) - 1:  # sigma = 0 on the last step (abar_prev = 1)
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+                x = x + sigma * randn(x.shape, generator, device, x.dtype)
             if trajectory is not None:
                 trajectory.append(x)
         return _finish(x, trajectory)

@@ -1,0 +1,15 @@
+"""Sample-quality metrics: feature extractors, FID/KID/IS statistics, generation by index, cached references."""
+
+from ddpm_lightning.metrics.extractors import ClassifierExtractor, InceptionExtractor, build_extractor
+from ddpm_lightning.metrics.stats import FeatureStats, fid, frechet_distance, inception_score, kid
+
+__all__ = [
+    "ClassifierExtractor",
+    "FeatureStats",
+    "InceptionExtractor",
+    "build_extractor",
+    "fid",
+    "frechet_distance",
+    "inception_score",
+    "kid",
+]
