@@ -2,7 +2,7 @@
 PYTHON ?= python
 DATA ?= data
 
-.PHONY: install test test-fast lint format train-mnist train-mnist-conditional tensorboard clean
+.PHONY: install test test-fast lint format bench train-mnist train-mnist-conditional tensorboard demo demo-screenshot clean test-scale slurm-up slurm-down
 
 install:  ## install the package with its test tools (torch pinned in pyproject.toml)
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -13,13 +13,25 @@ test:  ## everything CI runs, slow tests included
 test-fast:  ## skip the tests marked slow while iterating
 	$(PYTHON) -m pytest -q -m "not slow"
 
+test-scale:  ## DDP, torchrun and SLURM launches, exact resume, failure modes (tests/test_scale.py)
+	$(PYTHON) -m pytest -q tests/test_scale.py
+
+slurm-up:  ## a two-node SLURM cluster on this machine (as root; installs slurm-wlm and munge when missing)
+	scripts/slurm_cluster.sh start
+
+slurm-down:
+	scripts/slurm_cluster.sh stop
+
 lint:
-	$(PYTHON) -m ruff check ddpm_lightning tests
-	$(PYTHON) -m ruff format --check ddpm_lightning tests
+	$(PYTHON) -m ruff check ddpm_lightning tests benchmarks
+	$(PYTHON) -m ruff format --check ddpm_lightning tests benchmarks
 
 format:
-	$(PYTHON) -m ruff format ddpm_lightning tests
-	$(PYTHON) -m ruff check --fix ddpm_lightning tests
+	$(PYTHON) -m ruff format ddpm_lightning tests benchmarks
+	$(PYTHON) -m ruff check --fix ddpm_lightning tests benchmarks
+
+bench:  ## ours vs diffusers and denoising-diffusion-pytorch (`pip install -e ".[bench]"`); writes BENCHMARKS.md
+	$(PYTHON) -m benchmarks.bench --output BENCHMARKS.md $(BENCH_ARGS)
 
 train-mnist:  ## unconditional MNIST; DATA=../shared/data to use a local copy
 	ddpm fit --config configs/mnist.yaml --data.root $(DATA)
@@ -29,6 +41,14 @@ train-mnist-conditional:
 
 tensorboard:
 	tensorboard --logdir lightning_logs
+
+CKPT ?= lightning_logs/version_0/checkpoints/last.ckpt
+
+demo:  ## the web page over a checkpoint on http://127.0.0.1:7860 (needs the demo extra); CKPT=path/to/last.ckpt
+	ddpm demo --ckpt_path $(CKPT)
+
+demo-screenshot:  ## re-take docs/demo.png in headless chromium, over CKPT if it exists (else a tiny test model)
+	DDPM_DEMO_SCREENSHOT=docs/demo.png DDPM_DEMO_CKPT=$(wildcard $(CKPT)) $(PYTHON) -m pytest -q tests/test_demo.py -k screenshot
 
 clean:
 	rm -rf lightning_logs/version_* .pytest_cache .ruff_cache

@@ -1,8 +1,11 @@
 """``ddpm``: the LightningCLI over :class:`DiffusionModule` and the DataModules.
 
-Subcommands ``fit``, ``validate``, ``test`` and ``predict``; ``--config`` YAML files; ``--print_config``. Values the
-data decides (channels, image size, number of classes) are linked from the DataModule into the model. Checkpoints
-given with ``--ckpt_path`` are loaded with ``weights_only=True`` by default.
+Subcommands ``fit``, ``validate``, ``test`` and ``predict``; ``--config`` YAML files; ``--print_config``.
+``ddpm classifier fit|validate|test ...`` runs the same CLI over :class:`ClassifierModule` (the domain classifier of
+the FID/accuracy metrics, ``configs/classifier_*.yaml``). Values the data decides (channels, image size, number of
+classes) are linked from the DataModule into the model. Checkpoints given with ``--ckpt_path`` are loaded with
+``weights_only=True`` by default. ``ddpm demo --ckpt_path CKPT`` serves a web page over a checkpoint
+(:mod:`ddpm_lightning.demo`, needs the ``demo`` extra).
 
 Bad input (an unknown schedule, an impossible image size, a missing dataset, ...) ends with a one-line
 ``ddpm: error: ...`` and exit code 2; set ``DDPM_DEBUG=1`` to see the full traceback instead.
@@ -13,13 +16,25 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import warnings
 from argparse import ArgumentError
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ddpm_lightning.callbacks.metrics import SampleMetrics
+from ddpm_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointLoadError,
+    checkpoint_load_error,
+    find_last_checkpoint,
+)
+from ddpm_lightning.classifier import ClassifierModule
 from ddpm_lightning.data import DatasetNotFoundError, ImageDataModule
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.module import DiffusionModule, NonFiniteLossError
 
 #: error types that mean "the user's input is wrong", reported in one line
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -28,6 +43,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     DatasetNotFoundError,
     pickle.UnpicklingError,
+    CheckpointLoadError,  # --ckpt_path names a truncated, corrupt or unsafe file
+    NonFiniteLossError,  # the loss diverged: the message names the step and the last good checkpoint
 )
 
 
@@ -38,6 +55,9 @@ class DDPMCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        if self.model_class is DiffusionModule:
+            # FID/KID/IS and conditional accuracy: always at `ddpm test`, during `fit` only if every_n_epochs is set
+            parser.add_lightning_class_args(SampleMetrics, "metrics")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -46,24 +66,80 @@ class DDPMCLI(LightningCLI):
             parser.set_defaults(weights_only=True)
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters here, first (with weights_only=True): name a bad file here
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            if (clear := checkpoint_load_error(self.config[self.config.subcommand].get("ckpt_path"), err)) is None:
+                raise
+            raise clear from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no plugin in the YAML
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill never leaves a torn last.ckpt
+        return trainer
+
+    def fit(self, model: L.LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``trainer.fit``; ``--ckpt_path last`` is the newest last/hpc checkpoint of any earlier run of this logger."""
+        if ckpt_path == "last":
+            ckpt_path = find_last_checkpoint(self.trainer)
+            if ckpt_path is None:
+                rank_zero_warn("--ckpt_path last: no checkpoint of an earlier run found, training from scratch")
+            else:
+                rank_zero_info(f"--ckpt_path last: resuming from {ckpt_path}")
+        self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DDPMCLI:
     """Construct (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by the tests)."""
+    return _build(DiffusionModule, "ddpm", args, run)
+
+
+def build_classifier_cli(args: list[str] | None = None, run: bool = True) -> DDPMCLI:
+    """The ``ddpm classifier`` CLI: same subcommands and data links, over :class:`ClassifierModule`."""
+    return _build(ClassifierModule, "ddpm classifier", args, run)
+
+
+def _build(model_class: type, prog: str, args: list[str] | None, run: bool) -> DDPMCLI:
     return DDPMCLI(
-        DiffusionModule,
+        model_class,
         ImageDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         args=args,
         run=run,
-        parser_kwargs={"parser_mode": "yaml", "allow_abbrev": False, "exit_on_error": False},
+        # log dirs are versioned, so this only overwrites the config.yaml a logger-less run left in its root dir
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": prog, "parser_mode": "yaml", "allow_abbrev": False, "exit_on_error": False},
     )
 
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit code 2."""
+    argv = sys.argv[1:] if args is None else args
     try:
-        build_cli(args)
+        if argv[:1] == ["predict"]:
+            raise ValueError(
+                "generation is `ddpm sample --ckpt_path CKPT [--num_samples N --labels ... --sampler ddim ...]` "
+                "(writes a grid, PNGs, an .npz and a trajectory); see `ddpm sample --help`"
+            )
+        if argv[:1] in (["sample"], ["sweep"]):
+            from ddpm_lightning.commands import sample_command, sweep_command
+
+            (sample_command if argv[0] == "sample" else sweep_command)(argv[1:])
+        elif argv[:1] == ["demo"]:  # the gradio page (optional extra `demo`), imported only when asked for
+            from ddpm_lightning.demo import main as demo_main
+
+            demo_main(argv[1:])
+        elif argv[:1] == ["classifier"]:
+            with warnings.catch_warnings():
+                # argv minus its first word goes in as `args`; Lightning warns when sys.argv has arguments too
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                build_classifier_cli(argv[1:])
+        else:
+            build_cli(args)
     except USER_ERRORS as err:
         if os.environ.get("DDPM_DEBUG"):
             raise

@@ -14,14 +14,37 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from ddpm_lightning.checkpointing import rng_states, set_rng_states
 from ddpm_lightning.diffusion import GaussianDiffusion, PredictionType
 from ddpm_lightning.nn import UNet
-from ddpm_lightning.samplers import guided_denoise_fn, sample
+from ddpm_lightning.samplers import Generators, guided_denoise_fn, sample
 from ddpm_lightning.schedules import ScheduleName, make_betas
 
 SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; raised before the optimizer step, so no checkpoint holds its update."""
+
+
+class SharedFactory:
+    """An optimizer / scheduler factory that copies of the module share instead of copying.
+
+    The EMA callback deep-copies the module (``AveragedModel``). LightningCLI's factories reference the CLI, and
+    through it the DDP launcher's child processes, which cannot be copied; the copy never builds an optimizer.
+    """
+
+    def __init__(self, factory: Callable[..., Any]) -> None:
+        self.factory = factory
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.factory(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedFactory:
+        return self
 
 
 class DiffusionModule(L.LightningModule):
@@ -103,8 +126,10 @@ class DiffusionModule(L.LightningModule):
         )
         betas = make_betas(schedule, num_timesteps, **(schedule_params or {}))
         self.diffusion = GaussianDiffusion(betas, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory = SharedFactory(optimizer)
+        self.lr_scheduler_factory = SharedFactory(lr_scheduler) if lr_scheduler is not None else None
+        self._rng_states_to_restore: dict[str, Tensor] | None = None  # from a checkpoint, set at on_train_start
+        self._effective_batch_pending = False
 
     # -- conditioning ------------------------------------------------------------------------------------------
     @property
@@ -129,10 +154,55 @@ class DiffusionModule(L.LightningModule):
         x_start, y = batch  # (B, C, H, W) in [-1, 1], (B,)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
         loss = self.diffusion.training_loss(self._denoise_fn(self._labels_for_training(y)), x_start, t).mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x_start.shape[0])
-        if self._trainer is not None:
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self._trainer is None:
+            return loss
+        # the mean over all ranks (a copy: the all-reduce is in place): what is logged, and what every rank checks
+        mean_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
+        self.log("train/loss", mean_loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x_start.shape[0])
+        self._stop_if_not_finite(mean_loss, batch_idx)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def _stop_if_not_finite(self, mean_loss: Tensor, batch_idx: int) -> None:
+        """Raise before a NaN/inf loss reaches the weights; every rank sees the same mean, so all stop together."""
+        if bool(torch.isfinite(mean_loss)):  # one scalar host sync per step
+            return
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written by this run"
+        raise NonFiniteLossError(
+            f"train/loss is {mean_loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}); stopped before the optimizer step, the last checkpoint is {last} (lower the learning "
+            "rate, keep gradient_clip_val, or use bf16-mixed / 32-true rather than 16-mixed)"
+        )
+
+    # -- fit-level hooks: effective batch size, exact resume -----------------------------------------------------
+    def on_train_start(self) -> None:
+        if self._rng_states_to_restore is not None and self.trainer.ckpt_path:
+            # here, after the sanity check and the loaders' set-up, right before the first resumed step: t, noise
+            # and dropout masks continue as in the uninterrupted run
+            set_rng_states(self._rng_states_to_restore, self.device)
+        self._rng_states_to_restore = None
+        self._effective_batch_pending = True
+
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self._effective_batch_pending:
+            self._effective_batch_pending = False
+            self._log_effective_batch_size(batch[0].shape[0])
+
+    def _log_effective_batch_size(self, per_device: int) -> None:
+        """Log per-device batch x accumulation x devices once per fit (direct to the loggers: not every step logs)."""
+        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        effective = per_device * accumulate * world
+        rank_zero_info(
+            f"effective batch size {effective} = {per_device} per device x {accumulate} accumulated x {world} devices"
+        )
+        for logger in self.loggers:
+            logger.log_metrics({"train/effective_batch_size": effective}, step=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def _fixed_grid_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Mean loss over ``val_timesteps`` evenly spaced t, with noise seeded by the batch index (smooth curve)."""
@@ -195,7 +265,7 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float = 1.0,
         variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
         clip_x0: bool = True,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         return_trajectory: bool = False,
         progress: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:

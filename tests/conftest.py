@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DDPM_SHARED_DATA", REPO.parent / "shared" / "data"))
 ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 #: configs over datasets we have for real (MNIST, Fashion-MNIST); the others run on stand-ins in test_datasets.py
-CONFIGS = [c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS]
+#: (classifier_*.yaml belong to `ddpm classifier` and run in test_classifier.py)
+CLASSIFIER_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("classifier_")}
+CONFIGS = [c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS]
 
 #: overrides that shrink any config's U-Net to a few thousand parameters for fast_dev_run on CPU
 TINY_MODEL_ARGS = [
@@ -45,3 +47,16 @@ torch.set_num_threads(int(os.environ.get("DDPM_TEST_THREADS", "1")))
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def lightning_caplog(caplog):
+    """caplog that also sees Lightning's messages (rank_zero_info): Lightning's logger may stop propagating to the
+    root logger (where caplog listens) once a Trainer has configured it in an earlier test."""
+    import logging
+
+    logger = logging.getLogger("lightning.pytorch")
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    propagate, logger.propagate = logger.propagate, True
+    yield caplog
+    logger.propagate = propagate

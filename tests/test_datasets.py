@@ -188,7 +188,8 @@ def test_image_folder_corrupt_image_is_named(tmp_path):
     assert str(bad[0]) in msg and "2 of 10 files unreadable" in msg and "on_corrupt: skip" in msg
 
 
-def test_image_folder_skips_and_counts_corrupt_images(tmp_path, caplog):
+def test_image_folder_skips_and_counts_corrupt_images(tmp_path, lightning_caplog):
+    caplog = lightning_caplog
     bad = write_image_folder(tmp_path, corrupt=3)
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, on_corrupt="skip", val_size=2)
     with caplog.at_level(logging.INFO):

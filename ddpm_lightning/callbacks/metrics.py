@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,18 @@ from ddpm_lightning.metrics.extractors import build_extractor
 from ddpm_lightning.metrics.stats import FeatureStats, fid, inception_score, kid
 
 EXTRACTORS = ("classifier", "inception")
+
+
+def _in_index_order(local: Tensor, n: int, world: int, gather: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """All ranks' rows in sample-index order. Rank r holds indices r, r + world, ... (padded to equal length)."""
+    if world == 1 or gather is None:
+        return local
+    per_rank = math.ceil(n / world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    everything = gather(padded)  # (world, per_rank, ...)
+    order = torch.arange(n)
+    return everything[order % world, order // world]  # index i sits at rank i % world, row i // world
 
 
 class SampleMetrics(Callback):
@@ -110,24 +123,39 @@ class SampleMetrics(Callback):
             self._extractors[kind] = ex.to(device).eval()
         return self._extractors[kind]
 
-    def _gather(self, pl_module: L.LightningModule, local: Tensor, n: int, world: int) -> Tensor:
-        """Rows of every rank back in sample-index order: rank r holds indices r, r + world, ..."""
-        if world == 1:
-            return local
-        per_rank = math.ceil(n / world)
-        padded = local.new_zeros((per_rank, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        gathered = pl_module.all_gather(padded.to(pl_module.device)).cpu()  # (world, per_rank, ...)
-        # index i sits at rank i % world, row i // world
-        order = torch.arange(n)
-        return gathered[order % world, order // world]
-
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> dict[str, float]:
+        """Compute the metrics on every rank (features gathered), log them under ``prefix/``."""
+        results = self.compute(
+            pl_module,
+            trainer.datamodule,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+            gather=lambda t: pl_module.all_gather(t.to(pl_module.device)).cpu(),
+            progress=trainer.is_global_zero,
+        )
+        for key, value in results.items():
+            pl_module.log(f"{prefix}/{key}", value, rank_zero_only=True)
+        n = self.settings["num_samples"]
+        rank_zero_info(f"{prefix} metrics ({n} samples): " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+        return results
+
+    def compute(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        rank: int = 0,
+        world: int = 1,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """Generate this rank's share of the samples, extract features, gather them, and score against the data.
+
+        ``gather`` maps a (per_rank, ...) tensor to (world, per_rank, ...) (``LightningModule.all_gather``).
+        """
         s, n = self.settings, self.settings["num_samples"]
-        world, rank = trainer.world_size, trainer.global_rank
         start = time.perf_counter()
         images, labels = generate(
-            pl_module,
+            model,
             list(range(rank, n, world)),
             seed=s["seed"],
             batch_size=self.batch_size,
@@ -135,31 +163,29 @@ class SampleMetrics(Callback):
             num_steps=s["num_steps"],
             eta=s["eta"],
             guidance_scale=s["guidance_scale"],
-            progress=trainer.is_global_zero,
+            progress=progress,
         )
         sample_seconds = time.perf_counter() - start
-        datamodule = trainer.datamodule
+
+        def gathered(local: Tensor) -> Tensor:
+            return _in_index_order(local, n, world, gather)
+
         results: dict[str, float] = {}
         for kind in s["extractors"]:
-            extractor = self._extractor(kind, pl_module.device)
+            extractor = self._extractor(kind, model.device)
             feats, logits = extract(extractor, images)
-            feats = self._gather(pl_module, feats, n, world)
-            logits = self._gather(pl_module, logits, n, world) if logits is not None else None
+            feats = gathered(feats)
+            logits = gathered(logits) if logits is not None else None
             ref, _, _ = reference_stats(datamodule, s["reference_split"], s["reference_num"], extractor, self.cache_dir)
-            gen_stats = FeatureStats.from_features(feats)
-            results[f"fid_{kind}"] = fid(gen_stats, ref)
+            results[f"fid_{kind}"] = fid(FeatureStats.from_features(feats), ref)
             results[f"kid_{kind}"], results[f"kid_{kind}_std"] = kid(feats, ref.features)
             if logits is not None and n >= 10:
                 results[f"is_{kind}"], results[f"is_{kind}_std"] = inception_score(logits)
             if kind == "classifier" and labels is not None and logits is not None:
-                all_labels = self._gather(pl_module, labels, n, world)
-                results["cond_acc"] = float((logits.argmax(1) == all_labels).float().mean())
+                results["cond_acc"] = float((logits.argmax(1) == gathered(labels)).float().mean())
         results["seconds"] = time.perf_counter() - start
         results["sample_seconds_per_1k"] = sample_seconds * 1000 / max(1, images.shape[0])
-        for key, value in results.items():
-            pl_module.log(f"{prefix}/{key}", value, rank_zero_only=True)
         self.results = results
-        rank_zero_info(f"{prefix} metrics ({n} samples): " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
 
     def _write_json(self, trainer: L.Trainer, results: dict[str, float]) -> Path | None:

@@ -13,6 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -20,6 +21,23 @@ from torchvision.utils import make_grid, save_image
 from ddpm_lightning.callbacks.ema import ema_weights
 
 SAMPLERS = ("ddpm", "ddim")
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """Folder of this run, where the PNGs go: the logger's ``log_dir`` for TensorBoard and CSV
+    (``<save_dir>/<name>/version_N``); for other loggers ``<save_dir>/<name>/<version>``, beside the checkpoints
+    that :class:`~lightning.pytorch.callbacks.ModelCheckpoint` puts there (W&B: ``<save_dir>/<project>/<run id>``,
+    where ``trainer.log_dir`` would be the bare ``save_dir``); ``default_root_dir`` without a logger.
+
+    Unlike ``trainer.log_dir`` it broadcasts nothing, so it is safe on rank zero alone.
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return Path(logger.log_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def trajectory_strip(trajectory: Tensor, num_images: int, num_frames: int) -> Tensor:
@@ -126,13 +144,20 @@ class SampleGrid(Callback):
             self._emit(trainer, "samples/trajectory", tgrid, f"trajectory_epoch={trainer.current_epoch:03d}.png")
 
     def _emit(self, trainer: L.Trainer, tag: str, grid: Tensor, filename: str) -> None:
-        """Send a (3, H, W) image in [0, 1] to every logger that takes images, and save it as PNG."""
+        """Send a (3, H, W) image in [0, 1] to every logger that takes images, and save it as PNG.
+
+        TensorBoard gets ``add_image``, W&B ``log_image`` (stored in its run folder); CSV holds no images, so with a
+        CSV logger the PNG in the run folder is written even when ``save_png`` is off: it is that logger's image.
+        """
         for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=tag, images=[grid], step=trainer.global_step)
+                continue
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
                 experiment.add_image(tag, grid, global_step=trainer.global_step)
-        if self.save_png and trainer.log_dir is not None:
-            out = Path(trainer.log_dir) / "samples"
+        if self.save_png or any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
+            out = run_dir(trainer) / "samples"
             out.mkdir(parents=True, exist_ok=True)
             path = out / filename
             save_image(grid, path)

@@ -6,15 +6,74 @@ Every DataModule exposes ``channels``, ``image_size`` and ``num_classes``; the C
 Batches are ``(images, labels)`` with images ``uint8`` ``(B, C, H, W)`` on the host; the conversion to float in
 [-1, 1], the optional resize and the random horizontal flip run batch-wise on the training device in
 :meth:`ImageDataModule.on_after_batch_transfer`, so a small dataset never pays per-sample Python transforms.
+
+The training order is a seeded permutation per epoch (the seed of ``seed_everything``), sharded over the ranks, and
+the training loader's position goes into every checkpoint: a run resumed mid-epoch sees exactly the batches the
+uninterrupted run would have seen (:class:`ResumableLoader`). No loader draws from the global torch generator, so
+the draws of the training step do not depend on when loaders were created.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """This rank's shard of a permutation seeded by (seed, epoch), able to start mid-epoch.
+
+    The sampler Lightning injects under DDP, used on one device too, so the order never depends on the global
+    generator. ``skip`` samples of the current epoch are left out of the next ``__iter__`` (a resumed position).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # a resumed position belongs to its own epoch only
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0
+        return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """Training loader whose position (epoch, batches consumed) Lightning saves in its checkpoints.
+
+    Lightning 2.x stores ``state_dict()`` of each training loader that has one (``loops/fit_loop.py``) and, when it
+    resumes mid-epoch, calls ``load_state_dict()`` before iterating again; the sampler then skips the consumed
+    batches without loading them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        skip = getattr(self.sampler, "skip", 0)
+        self._batches_done = skip // self.batch_size if self.batch_size else 0
+        for batch in super().__iter__():
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches_done": self._batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochShuffleSampler) and self.batch_size:
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.skip = state["batches_done"] * self.batch_size
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -151,10 +210,25 @@ class ImageDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(0),  # iter() draws worker seeds: keep it off the global generator
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.train_set is None:
+            raise RuntimeError("setup() has not built this split yet")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, as for Lightning's own sampler
+        return ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(self.train_set, num_replicas=world, rank=rank, seed=seed),
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds, off the global generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,228 @@
+"""Measuring tools for the benchmark: FLOP counts, the machine's matmul limit, peak memory, clocks, machine facts.
+
+Conventions: FLOPs count a multiply-add as 2 (``torch.utils.flop_counter``); only matmuls, convolutions and
+attention are counted (norms, activations and optimizer updates are not), the usual convention of MFU figures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+#: dense bf16 tensor-core peak in TFLOP/s by device-name fragment (vendor data sheets, SXM parts, no sparsity);
+#: the first fragment found in ``torch.cuda.get_device_name()`` wins, so the more specific names come first
+GPU_BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+#: side of the square fp32/bf16 matmul that measures the machine's own rate (large enough to reach the peak)
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+#: how often the CPU memory monitor reads the resident set size, in seconds
+RSS_POLL_S = 0.002
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """Count the CPU flash-attention kernels, which ``flop_counter`` (torch 2.14) leaves out (counted as 0)."""
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
+
+
+def count_flops(fn: Callable[[], Tensor], backward: bool) -> int:
+    """FLOPs of one call of ``fn`` (and of the backward of its output's sum when ``backward``)."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+    return counter.get_total_flops()
+
+
+def flops_per_image(forward: Callable[[Tensor, Tensor], Tensor], net: nn.Module, x: Tensor, train: bool) -> float:
+    """FLOPs per image of ``forward(x, t)`` (x (B, C, H, W)), plus its backward when ``train``; grads are reset."""
+    t = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    was_training = net.training
+    net.train(train)
+    try:
+        if train:
+            flops = count_flops(lambda: forward(x, t), backward=True)
+            net.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                flops = count_flops(lambda: forward(x, t), backward=False)
+    finally:
+        net.train(was_training)
+    return flops / x.shape[0]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a clock read covers them (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """The best FLOP/s of ``repeats`` square matmuls of ``MATMUL_SIZE`` on ``device``: the machine's own limit."""
+    n = MATMUL_SIZE.get(device.type, 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pools, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def gpu_bf16_peak(device: torch.device) -> float | None:
+    """The data-sheet dense bf16 peak of a CUDA device in FLOP/s, or None when its name is not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, tflops in GPU_BF16_PEAK_TFLOPS.items():
+        if fragment in name:
+            return tflops * 1e12
+    return None
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc/self/statm``)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS tracks live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory between ``start()`` and ``stop()``, above what was in use at the start (weights, optimizer state).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at the start. CPU (Linux): a thread reads the
+    resident set size every ``RSS_POLL_S`` and keeps the peak minus the start, after ``malloc_trim`` (torch's CPU
+    allocator is malloc, so RSS is the honest measure; ``ru_maxrss`` only grows and cannot separate phases that
+    run one after another in one process). ``stop()`` returns None where neither is available.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._start = 0
+        self._peak = 0
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif Path("/proc/self/statm").exists():
+            _release_free_heap()
+            self._start = self._peak = _rss_bytes()
+            self._done.clear()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(RSS_POLL_S)
+
+    def stop(self) -> int | None:
+        """Peak bytes above the start, or None where this platform reports neither CUDA nor RSS."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self._start
+        if self._thread is None:
+            return None
+        self._done.set()
+        self._thread.join()
+        self._thread = None
+        return max(self._peak, _rss_bytes()) - self._start
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (falls back to ``platform.processor()``)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_ticks() -> dict[int, tuple[int, str]]:
+    """user + system clock ticks and command name of every process (Linux ``/proc/PID/stat``)."""
+    ticks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks[int(stat.parent.name)] = (int(fields[11]) + int(fields[12]), name)  # utime, stime
+    return ticks
+
+
+def busy_processes(interval_s: float = 1.0, min_share: float = 0.2) -> list[str]:
+    """Other processes that used more than ``min_share`` of a core over ``interval_s`` ("name (pid) 95%")."""
+    if not Path("/proc/self/stat").exists():
+        return []
+    before = _cpu_ticks()
+    time.sleep(interval_s)
+    after = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, (ticks, name) in after.items():
+        share = (ticks - before.get(pid, (ticks, name))[0]) / hz / interval_s
+        if pid != os.getpid() and share > min_share:
+            busy.append(f"{name} ({pid}) {share:.0%}")
+    return busy
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the OS does not report one."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None

@@ -1,0 +1,160 @@
+"""Checkpoint files: written atomically, read with one clear error, and ``--ckpt_path last`` found across runs.
+
+* :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the target's own directory, fsyncs it
+  and ``os.replace()``-s it over the target, so a kill at any moment leaves the previous ``last.ckpt`` or the new
+  one, never a torn file. (Lightning's own save goes through an fsspec transaction whose temporary file lives in
+  ``/tmp``: when ``/tmp`` and the checkpoint folder are different file systems, the usual case on a cluster, the
+  final move is a copy into ``last.ckpt`` that a kill can cut short.) Reading, it turns a truncated, corrupt or
+  unsafe file into :class:`CheckpointLoadError`, one line naming the file.
+* :func:`find_last_checkpoint` resolves ``--ckpt_path last`` over every run of the logger (``version_*``) and the
+  SLURM requeue checkpoints (``hpc_ckpt_N.ckpt``); Lightning's own ``"last"`` only looks into the folder of the new
+  run, which a fresh logger version leaves empty, and then silently starts from scratch.
+* :func:`rng_states` / :func:`set_rng_states` capture and restore the global torch generators, so the ``t`` and
+  noise draws after a resume are the ones the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor
+
+#: errors torch.load raises for a file that is not a whole checkpoint (truncated zip, empty file, random bytes)
+_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError)
+#: ... except these, which are about the path, not the bytes, and keep their own message
+_NOT_ABOUT_CONTENT = (FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint file is truncated, corrupt, or holds objects that ``weights_only=True`` refuses to unpickle."""
+
+
+def _weights_only_reason(err: BaseException) -> str | None:
+    """The reason inside torch's multi-paragraph "Weights only load failed" message, in one line; else None."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    after = text.partition("WeightsUnpickler error:")[2]
+    reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    reason = reason.split(". Please use")[0].rstrip(".")  # drop torch's advice to allowlist the global
+    return reason or "not a checkpoint of tensors and plain values"
+
+
+def _first_sentence(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
+
+
+def checkpoint_load_error(path: _PATH, err: BaseException) -> CheckpointLoadError | None:
+    """The one-line error for a file ``torch.load(weights_only=True)`` cannot or must not read; None for others."""
+    if not isinstance(err, _UNREADABLE) or isinstance(err, _NOT_ABOUT_CONTENT):
+        return None
+    unsafe = _weights_only_reason(err)
+    if unsafe is not None and "Unsupported global" in unsafe:
+        return CheckpointLoadError(
+            f"refusing to load checkpoint {str(path)!r}: it holds objects that could run code ({unsafe}); "
+            "only tensors and plain values are loaded (weights_only=True)"
+        )
+    reason = unsafe or _first_sentence(err)
+    return CheckpointLoadError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({reason})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``.<name>.<random>.tmp`` beside the target, fsync, then ``os.replace`` it into place.
+
+    Remote paths (``s3://``, ...) fall back to Lightning's own save. Loading is Lightning's, with the errors of an
+    unreadable or unsafe file turned into :class:`CheckpointLoadError`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # same file system as the target
+        try:
+            with open(tmp, "xb") as f:  # the usual permissions (umask), unlike mkstemp's 0600
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, target)  # atomic on POSIX within one file system
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with suppress(OSError):  # make the rename itself durable; not possible on every file system
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception as err:
+            if (clear := checkpoint_load_error(path, err)) is None:
+                raise
+            raise clear from None
+
+
+def _last_checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    """Folders where a ``last*.ckpt`` of this experiment may be: every logger version, or the fixed dirpaths."""
+    dirs: list[Path] = []
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.dirpath is not None:
+            dirs.append(Path(cb.dirpath))
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+            dirs.extend(sorted(root.glob("*/checkpoints")))
+        else:
+            dirs.append(Path(trainer.default_root_dir) / "checkpoints")
+    return dirs
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> str | None:
+    """Newest (by modification time) ``last*.ckpt`` of any run of this experiment or ``hpc_ckpt_N.ckpt``; or None."""
+    candidates = [p for d in _last_checkpoint_dirs(trainer) for p in d.glob("last*.ckpt")]
+    candidates += Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")  # written on SLURM's pre-timeout signal
+    candidates = [p for p in candidates if p.is_file()]
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: p.stat().st_mtime).resolve())
+
+
+def rng_states(device: torch.device) -> dict[str, Tensor]:
+    """The global torch generator states this process draws from: CPU, and ``device``'s when it is a GPU."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
+    """Restore what :func:`rng_states` captured (the GPU state only on a GPU)."""
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)

@@ -1,0 +1,68 @@
+"""The benchmark harness: FLOP counts against closed forms, a missing peer skipped with a note, and one tiny run
+through ``main`` that prints the tables. Nothing here is timed: the figures themselves are not asserted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is a top-level folder, not part of the installed package
+
+from benchmarks import bench, measure  # noqa: E402
+from benchmarks.impls import build_impls, load_shape  # noqa: E402
+
+
+def test_conv_net_flops_closed_form():
+    # conv3x3 3->8 then 8->4 on 8x8, padding 1: forward 2 * C_out * H * W * C_in * 9 per image and conv;
+    # backward: grad of the weights for both, grad of the input only for the second (the image needs none)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    conv1, conv2 = 2 * 8 * 64 * 3 * 9, 2 * 4 * 64 * 8 * 9
+    x = torch.randn(5, 3, 8, 8)
+    forward = lambda x, t: net(x)  # noqa: E731
+    assert measure.flops_per_image(forward, net, x, train=False) == conv1 + conv2
+    assert measure.flops_per_image(forward, net, x, train=True) == 2 * conv1 + 3 * conv2
+    assert all(p.grad is None for p in net.parameters())  # counting leaves no gradients behind
+
+
+def test_cpu_attention_flops_closed_form():
+    # softmax(q k^T) v: two (L x d)(d x L)-sized matmuls, 4 B h L^2 d; the backward recomputes q k^T and does four
+    # more, 10 B h L^2 d. torch's counter leaves the CPU flash kernel out; measure.py registers it.
+    b, h, length, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, length, d, requires_grad=True) for _ in range(3))
+    forward = measure.count_flops(lambda: F.scaled_dot_product_attention(q, k, v), backward=False)
+    train = measure.count_flops(lambda: F.scaled_dot_product_attention(q, k, v), backward=True)
+    assert forward == 4 * b * h * length**2 * d
+    assert train == 14 * b * h * length**2 * d
+
+
+def test_shape_read_from_the_recipe():
+    shape = load_shape("cifar10", REPO / "configs" / "cifar10.yaml")
+    assert (shape.in_channels, shape.image_size) == (3, 32)  # from CIFAR10DataModule, as the CLI links them
+    assert shape.model_args["base_channels"] == 128 and "optimizer" not in shape.model_args
+    assert shape.ema_decay == 0.9999 and shape.grad_clip == 1.0
+
+
+def test_missing_peer_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    shape = load_shape("tiny", REPO / "configs" / "mnist.yaml", bench.SHAPES["tiny"][1])
+    impls, notes = build_impls(["diffusers"], shape, torch.device("cpu"), "fp32")
+    assert impls == [] and len(notes) == 1 and "pip install -e .[bench]" in notes[0]
+    with pytest.raises(ValueError, match="unknown implementation"):
+        build_impls(["nope"], shape, torch.device("cpu"), "fp32")
+
+
+def test_tiny_run_prints_the_tables(capsys, tmp_path):
+    out = tmp_path / "BENCH.md"
+    argv = ["--shapes", "tiny", "--impls", "ours", "--device", "cpu", "--threads", "1", "--rounds", "1"]
+    argv += ["--train-steps", "1", "--sample-steps", "2", "--output", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| shape | implementation | params |" in printed and "| tiny | ours | 0.04M |" in printed
+    report = out.read_text()
+    assert report.startswith("# Benchmarks") and "--shapes tiny" in report and "| tiny | ours |" in report

@@ -1,0 +1,187 @@
+"""`ddpm test` (FID/KID/IS + conditional accuracy, JSON, cached references), `ddpm sample`, `ddpm sweep`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL_ARGS
+
+from ddpm_lightning.cli import build_cli, main
+
+CONFIG = REPO / "configs" / "mnist_conditional.yaml"
+
+
+def _data_args(root) -> list[str]:
+    return [f"--data.root={root}", "--data.download=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(shared_data, tmp_path_factory):
+    """A conditional MNIST DDPM trained for a few steps through the real CLI (tiny U-Net, T=100)."""
+    run = tmp_path_factory.mktemp("run")
+    args = ["fit", f"--config={CONFIG}", *_data_args(shared_data), *TINY_MODEL_ARGS, "--model.num_timesteps=100"]
+    args += [f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}"]
+    args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
+    build_cli(args)
+    ckpt = run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt
+
+
+def _test_args(shared_data, ckpt, cache, extra=()) -> list[str]:
+    args = ["test", f"--config={CONFIG}", f"--ckpt_path={ckpt}", *_data_args(shared_data), *TINY_MODEL_ARGS]
+    args += ["--model.num_timesteps=100", "--trainer.limit_test_batches=1", "--trainer.logger=false"]
+    args += ["--metrics.num_samples=40", "--metrics.num_steps=5", "--metrics.batch_size=16"]
+    args += ["--metrics.reference_num=200", f"--metrics.cache_dir={cache}", *extra]
+    return args
+
+
+def test_ddpm_test_writes_json_and_reuses_reference_stats(
+    tiny_checkpoint, shared_data, tmp_path, lightning_caplog, monkeypatch
+):
+    caplog = lightning_caplog
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+
+    main(_test_args(shared_data, tiny_checkpoint, cache))
+    files = sorted(tiny_checkpoint.parent.glob("last.metrics.ddim5-w2-n40-seed0.json"))
+    assert len(files) == 1
+    first = json.loads(files[0].read_text())
+    res = first["results"]
+    assert {"fid_classifier", "kid_classifier", "is_classifier", "cond_acc", "sample_seconds_per_1k"} <= set(res)
+    assert res["fid_classifier"] > 0 and 0 <= res["cond_acc"] <= 1
+    s = first["settings"]
+    assert (s["num_samples"], s["sampler"], s["num_steps"], s["seed"], s["reference_split"]) == (
+        40,
+        "ddim",
+        5,
+        0,
+        "test",
+    )
+    assert first["extractors"]["classifier"].startswith("classifier-mnist-")
+    assert "reference statistics computed" in caplog.text and len(list(cache.glob("*.pt"))) == 1
+
+    caplog.clear()
+    main(_test_args(shared_data, tiny_checkpoint, cache))
+    assert "reference statistics reused" in caplog.text
+    second = json.loads(files[0].read_text())["results"]
+    assert second["fid_classifier"] == res["fid_classifier"]  # same seed, same samples, same number
+    assert second["cond_acc"] == res["cond_acc"]
+
+    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1"]))
+    other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w2-n40-seed1.json")).read_text())
+    assert other["results"]["fid_classifier"] != res["fid_classifier"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_data, tmp_path):
+    """Each of 2 gloo ranks samples half of N; the gathered features give the 1-process numbers."""
+    results = {}
+    for devices in (1, 2):
+        cache = tmp_path / f"cache{devices}"
+        extra = ["--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
+        extra += ["--trainer.strategy=ddp"] if devices == 2 else []
+        cmd = [sys.executable, "-m", "ddpm_lightning.cli", *_test_args(shared_data, tiny_checkpoint, cache, extra)]
+        cmd += ["--metrics.seed=7"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w2-n40-seed7.json"))
+        results[devices] = json.loads(path.read_text())
+        path.unlink()
+    assert results[2]["world_size"] == 2
+    one, two = results[1]["results"], results[2]["results"]
+    assert two["fid_classifier"] == pytest.approx(one["fid_classifier"], rel=1e-4)
+    assert two["cond_acc"] == one["cond_acc"]
+
+
+def test_fid_real_vs_real_is_small_and_real_vs_noise_large(shared_data, tmp_path):
+    from ddpm_lightning.data import MNISTDataModule
+    from ddpm_lightning.metrics.evaluate import extract, real_images, reference_stats
+    from ddpm_lightning.metrics.extractors import ClassifierExtractor
+    from ddpm_lightning.metrics.stats import FeatureStats, fid
+
+    dm = MNISTDataModule(root=str(shared_data), download=False)
+    ex = ClassifierExtractor("mnist")
+    ref, _, _ = reference_stats(dm, "test", 2000, ex, tmp_path)
+    other_real = FeatureStats.from_features(extract(ex, real_images(dm, "train", 2000, seed=1))[0])
+    noise = torch.randint(0, 256, (2000, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise_stats = FeatureStats.from_features(extract(ex, noise)[0])
+    real_real, real_noise = fid(other_real, ref), fid(noise_stats, ref)
+    assert real_real < 0.02 * real_noise, (real_real, real_noise)
+
+
+def test_sample_command_writes_grid_pngs_npz_and_trajectory(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s"
+    main(["sample", f"--ckpt_path={tiny_checkpoint}", "--num_samples=6", "--labels", "7", "3"])
+    # default out_dir is ./samples; run again into a chosen folder with the same seed: identical images
+    main(["sample", f"--ckpt_path={tiny_checkpoint}", "--num_samples=6", "--labels", "7", "3", f"--out_dir={out}"])
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (6, 28, 28, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [7, 3, 7, 3, 7, 3]
+    assert json.loads(str(data["settings"]))["seed"] == 0
+    assert (out / "grid.png").is_file() and (out / "trajectory.png").is_file()
+    assert len(list((out / "png").glob("*.png"))) == 6
+    assert np.array_equal(np.load("samples/samples.npz")["images"], data["images"])
+
+
+def test_sample_command_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", f"--ckpt_path={tmp_path / 'missing.ckpt'}"])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", f"--ckpt_path={bad}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("ddpm: error:") and "Traceback" not in err
+
+
+def test_sweep_command_table_json_and_plot(tiny_checkpoint, shared_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = tmp_path / "sweep"
+    main(
+        ["sweep", f"--config={CONFIG}", f"--ckpt_path={tiny_checkpoint}", f"--data_root={shared_data}"]
+        + ["--steps", "2", "4", "100", "--samplers", "ddim", "ddpm", "--num_samples=20", f"--out_dir={out}"]
+    )
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        ("ddim", 2),
+        ("ddim", 4),
+        ("ddim", 100),
+        ("ddpm", 2),
+        ("ddpm", 4),
+        ("ddpm", 100),
+    ]
+    assert all(r["fid_classifier"] > 0 for r in rows) and (out / "sweep.png").stat().st_size > 10_000
+    # more steps cost more time per sample
+    assert rows[2]["sample_seconds_per_1k"] > rows[0]["sample_seconds_per_1k"]
+    assert "ddpm   100 steps" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_inception_fid_offline_with_prepared_weights(shared_data, tmp_path):
+    """torch-fidelity's Inception-v3 from the weights ../shared/tools/inception_weights.py prepares (no hub access)."""
+    from ddpm_lightning.data import MNISTDataModule
+    from ddpm_lightning.metrics.evaluate import extract, real_images
+    from ddpm_lightning.metrics.extractors import INCEPTION_FILE, InceptionExtractor
+    from ddpm_lightning.metrics.stats import FeatureStats, fid
+
+    tool = shared_data.parent / "tools" / "inception_weights.py"
+    proc = subprocess.run([sys.executable, str(tool), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ex = InceptionExtractor(tmp_path / INCEPTION_FILE)
+    dm = MNISTDataModule(root=str(shared_data), download=False)
+    a, b = real_images(dm, "test", 12, seed=0), real_images(dm, "train", 12, seed=1)
+    noise = torch.randint(0, 256, (12, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    fa, logits = extract(ex, a, batch_size=12)
+    assert fa.shape == (12, 2048) and logits.shape == (12, 1008)
+    sa, sb, sn = (FeatureStats.from_features(f) for f in (fa, extract(ex, b)[0], extract(ex, noise)[0]))
+    assert fid(sa, sb) < 0.5 * fid(sa, sn)
+    assert ex.name.startswith("inception-v3-compat-")
