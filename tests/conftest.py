@@ -60,3 +60,31 @@ def lightning_caplog(caplog):
     propagate, logger.propagate = logger.propagate, True
     yield caplog
     logger.propagate = propagate
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if this process (server threads included) looked up or connected to a non-loopback host.
+    Attempts are recorded, not raised: libraries swallow their own network errors."""
+    import socket
+
+    attempts: list[str] = []
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and str(host) not in LOOPBACK:
+            attempts.append(f"look-up of {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+            attempts.append(f"connection to {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield
+    assert attempts == [], attempts

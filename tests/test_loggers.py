@@ -12,7 +12,6 @@ import glob
 import json
 import math
 import os
-import socket
 import struct
 from pathlib import Path
 
@@ -100,32 +99,8 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def _no_network(monkeypatch):
-    """Fail the test if this process looked up or connected to a non-loopback host (wandb's own service talks over
-    a local socket). Attempts are recorded, not raised: libraries swallow their own network errors."""
-    attempts: list[str] = []
-    loopback = ("127.0.0.1", "localhost", "::1")
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host is not None and str(host) not in loopback:
-            attempts.append(f"look-up of {host}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in loopback:
-            attempts.append(f"connection to {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    yield
-    assert attempts == [], attempts
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("_no_network")
+@pytest.mark.usefixtures("no_network")
 def test_wandb_offline_logger_from_yaml_keeps_losses_and_images(shared_data, tmp_path, monkeypatch):
     if not os.environ.get("CI"):
         pytest.importorskip("wandb", reason="the W&B logger needs the wandb extra: pip install -e '.[wandb]'")
