@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,19 +20,25 @@ from ddpm_lightning.data.base import to_uint8
 from ddpm_lightning.metrics.evaluate import class_of, generate, sample_generator
 
 
-def load_model(ckpt_path: str, device: str = "auto"):
-    """A DiffusionModule from a checkpoint (EMA weights), in eval mode, on ``device`` (auto: cuda if available)."""
+def load_model(ckpt_path: str | os.PathLike, device: str = "auto"):
+    """A DiffusionModule from a checkpoint (EMA weights), loaded with ``weights_only=True``, in eval mode on
+    ``device`` (auto: cuda if available). A missing, truncated, corrupt or unsafe file is a one-line ValueError."""
+    from ddpm_lightning.checkpointing import checkpoint_load_error
     from ddpm_lightning.module import DiffusionModule
 
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = DiffusionModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, KeyError) as err:  # truncated zip, missing keys, not a Lightning checkpoint
-        raise ValueError(f"cannot load checkpoint {ckpt_path!r}: {str(err).splitlines()[0]}") from None
-    return model.eval()
+        model = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        known = checkpoint_load_error(path, err)  # truncated, corrupt or unsafe: one line naming the file
+        if known is None and not isinstance(err, (TypeError, KeyError)):  # TypeError/KeyError: not a DDPM checkpoint
+            raise
+        raise (known or ValueError(f"cannot load checkpoint {str(path)!r}: {err}")) from None
+    return model.to(device).eval()
 
 
 def _sample_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from ddpm_lightning import commands
 from ddpm_lightning.callbacks.samples import trajectory_strip
-from ddpm_lightning.checkpointing import checkpoint_load_error
 from ddpm_lightning.module import DiffusionModule
 
 if TYPE_CHECKING:
@@ -291,18 +291,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> DiffusionModule:
-    """The checkpoint's model (EMA weights) in eval mode on ``device``, loaded with ``weights_only=True``."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise DemoError(f"checkpoint not found: {path}")
+    """The checkpoint's model (EMA weights) in eval mode on ``device``: :func:`ddpm_lightning.commands.load_model`,
+    its one-line errors raised as :class:`DemoError`."""
     try:
-        model = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        known = checkpoint_load_error(path, err)  # truncated, corrupt or unsafe: one line naming the file
-        if known is None and not isinstance(err, TypeError):  # TypeError: a checkpoint of another model
-            raise
-        raise DemoError(str(known or f"cannot load checkpoint {str(path)!r}: {err}")) from err
-    return model.to(device).eval()
+        return commands.load_model(ckpt_path, device)
+    except (ValueError, FileNotFoundError) as err:
+        raise DemoError(str(err)) from err
 
 
 def serve(app: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True) -> None:
