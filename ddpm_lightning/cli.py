@@ -1,6 +1,8 @@
 """``ddpm``: the LightningCLI over :class:`DiffusionModule` and the DataModules.
 
-Subcommands ``fit``, ``validate``, ``test`` and ``predict``; ``--config`` YAML files; ``--print_config``.
+LightningCLI subcommands ``fit``, ``validate`` and ``test`` (``test`` also computes the sample metrics configured
+under ``metrics``); ``--config`` YAML files; ``--print_config``. Generation is ``ddpm sample`` (``ddpm predict``
+points there) and ``ddpm sweep`` evaluates a checkpoint over sampling step counts (:mod:`ddpm_lightning.commands`).
 ``ddpm classifier fit|validate|test ...`` runs the same CLI over :class:`ClassifierModule` (the domain classifier of
 the FID/accuracy metrics, ``configs/classifier_*.yaml``). Values the data decides (channels, image size, number of
 classes) are linked from the DataModule into the model. Checkpoints given with ``--ckpt_path`` are loaded with
@@ -119,6 +121,8 @@ def _build(model_class: type, prog: str, args: list[str] | None, run: bool) -> D
 def main(args: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit code 2."""
     argv = sys.argv[1:] if args is None else args
+    if argv[:1] in (["-h"], ["--help"]):
+        print("ddpm also has: sample, sweep, demo, classifier (e.g. `ddpm sample --help`)\n")
     try:
         if argv[:1] == ["predict"]:
             raise ValueError(
