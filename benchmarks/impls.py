@@ -289,7 +289,11 @@ class Lucidrains(_PlainLoop):
         base = _arg(shape, "base_channels")
         mults = tuple(w // base for w in widths)
         self.net = Unet(
-            dim=base, dim_mults=mults, channels=shape.in_channels, dropout=_arg(shape, "dropout"), full_attn=attends
+            dim=base,
+            dim_mults=mults,
+            channels=shape.in_channels,
+            dropout=_arg(shape, "dropout"),
+            full_attn=tuple(attends),
         )
         self.diffusion = GaussianDiffusion(
             self.net,
