@@ -2,7 +2,7 @@
 PYTHON ?= python
 DATA ?= data
 
-.PHONY: install test test-fast lint format bench train-mnist train-mnist-conditional tensorboard demo demo-screenshot clean test-scale slurm-up slurm-down
+.PHONY: install test test-fast lint format bench experiments experiments-report train-mnist train-mnist-conditional tensorboard demo demo-screenshot clean test-scale slurm-up slurm-down
 
 install:  ## install the package with its test tools (torch pinned in pyproject.toml)
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -23,15 +23,21 @@ slurm-down:
 	scripts/slurm_cluster.sh stop
 
 lint:
-	$(PYTHON) -m ruff check ddpm_lightning tests benchmarks
-	$(PYTHON) -m ruff format --check ddpm_lightning tests benchmarks
+	$(PYTHON) -m ruff check ddpm_lightning tests benchmarks experiments
+	$(PYTHON) -m ruff format --check ddpm_lightning tests benchmarks experiments
 
 format:
-	$(PYTHON) -m ruff format ddpm_lightning tests benchmarks
-	$(PYTHON) -m ruff check --fix ddpm_lightning tests benchmarks
+	$(PYTHON) -m ruff format ddpm_lightning tests benchmarks experiments
+	$(PYTHON) -m ruff check --fix ddpm_lightning tests benchmarks experiments
 
 bench:  ## ours vs diffusers and denoising-diffusion-pytorch (`pip install -e ".[bench]"`); writes BENCHMARKS.md
 	$(PYTHON) -m benchmarks.bench --output BENCHMARKS.md $(BENCH_ARGS)
+
+experiments:  ## train, evaluate and report every study of experiments/studies (DATA=../shared/data; see experiments/README.md)
+	$(PYTHON) -m experiments.run --data_root $(DATA) --jobs 2 $(STUDIES)
+
+experiments-report:  ## rebuild experiments/REPORT.md from the saved results (no training, no sampling)
+	$(PYTHON) -m experiments.run --report_only $(STUDIES)
 
 train-mnist:  ## unconditional MNIST; DATA=../shared/data to use a local copy
 	ddpm fit --config configs/mnist.yaml --data.root $(DATA)

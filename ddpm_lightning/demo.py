@@ -38,6 +38,7 @@ from torchvision.utils import make_grid
 from ddpm_lightning import commands
 from ddpm_lightning.callbacks.samples import trajectory_strip
 from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.samplers import SAMPLERS
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -54,7 +55,6 @@ TRAJECTORY_ROWS, TRAJECTORY_FRAMES = 4, 10  # the strip shows the first 4 images
 #: the trajectory holds every step of the whole batch, (steps + 1, N, C, H, W) float32: above this it is skipped
 MAX_TRAJECTORY_BYTES = 1 << 30
 ALL_CLASSES = "all"  # label choice that cycles 0, 1, ..., K-1 over the batch
-SAMPLERS = ("ddim", "ddpm")
 #: tiny images (28x28 digits) scaled up to the column's width, and crisp (no smoothing) when scaled
 CSS = """
 #grid .image-frame, #trajectory .image-frame { width: 100%; justify-content: center; padding-top: 2.2em; }

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning.diffusion import GaussianDiffusion, extract
 
+SAMPLERS = ("ddpm", "ddim")  # the names the CLI, callbacks, metrics and demo accept
+
 #: (x_t (B, C, H, W), t (B,) long) -> raw model output (B, C, H, W) in diffusion.prediction_type
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 #: sigma_t^2 of the DDPM reverse step (Ho et al. 2020 Sec. 3.2): "fixed_small" = posterior variance

@@ -25,6 +25,7 @@ from ddpm_lightning.callbacks.ema import ema_weights
 from ddpm_lightning.metrics.evaluate import extract, generate, reference_stats
 from ddpm_lightning.metrics.extractors import build_extractor
 from ddpm_lightning.metrics.stats import FeatureStats, fid, inception_score, kid
+from ddpm_lightning.samplers import SAMPLERS
 
 EXTRACTORS = ("classifier", "inception")
 
@@ -80,6 +81,8 @@ class SampleMetrics(Callback):
         for kind in extractors:
             if kind not in EXTRACTORS:
                 raise ValueError(f"unknown feature extractor {kind!r}; choose one of: {', '.join(EXTRACTORS)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if reference_split not in ("train", "test"):
             raise ValueError(f"unknown reference_split {reference_split!r}; choose one of: train, test")
         if num_samples < 2 or batch_size < 1 or (every_n_epochs is not None and every_n_epochs < 1):

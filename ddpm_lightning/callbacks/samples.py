@@ -19,8 +19,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from ddpm_lightning.callbacks.ema import ema_weights
-
-SAMPLERS = ("ddpm", "ddim")
+from ddpm_lightning.samplers import SAMPLERS
 
 
 def run_dir(trainer: L.Trainer) -> Path:

@@ -1,0 +1,191 @@
+"""The experiments runner on a tiny budget and real MNIST: it trains through ``ddpm fit``, checkpoints, evaluates,
+writes the report, skips work already done, resumes an interrupted run, and rebuilds the report without checkpoints.
+The shipped study files are validated too."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # experiments/ is a top-level folder, not part of the installed package
+
+from experiments import run  # noqa: E402
+
+TINY_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": -1,
+        "log_every_n_steps": 1,
+        "val_check_interval": 2,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "."}},
+        "callbacks": [{"class_path": "ddpm_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}],
+    },
+    "model": {
+        "conditional": True,
+        "cond_drop_prob": 0.1,
+        "base_channels": 8,
+        "channel_mults": [1],
+        "num_res_blocks": 1,
+        "num_groups": 4,
+        "num_timesteps": 20,
+        "val_timesteps": 2,
+    },
+    "data": {
+        "class_path": "ddpm_lightning.data.MNISTDataModule",
+        "init_args": {"root": "data", "download": True, "batch_size": 8, "val_size": 100},
+    },
+}
+
+
+def _study(tmp_path: Path, **changes) -> Path:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_CONFIG))
+    study = {
+        "title": "Tiny study",
+        "question": "Does the runner run?",
+        "base": str(cfg),
+        "budget": {"max_steps": 4},
+        "checkpoint_every": 2,
+        "seeds": [0],
+        "variants": {"linear": {}, "cosine": {"model.schedule": "cosine"}},
+        "evaluations": {
+            "curve": {"checkpoints": "all", "num_samples": 20, "num_steps": 2, "batch_size": 20},
+            "raw": {"weights": "raw", "num_samples": 20, "num_steps": 2, "guidance_scale": 2.0},
+        },
+        "discussion": "Hand-written reading.",
+        **changes,
+    }
+    path = tmp_path / "tiny_study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def _main(study: Path, tmp_path: Path, shared: Path, *extra: str) -> int:
+    return run.main(
+        [str(study), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "out" / "REPORT.md")]
+        + ["--data_root", str(shared), "--threads", "1", *extra]
+    )
+
+
+@pytest.mark.slow
+def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_data, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    study_path = _study(tmp_path)
+    assert _main(study_path, tmp_path, shared_data) == 0
+
+    study = run.load_study(study_path)
+    specs = run.run_specs(study)
+    assert len({s["id"] for s in specs}) == 2  # the two variants are two runs
+    for spec in specs:
+        run_dir = tmp_path / "runs" / spec["id"]
+        record = json.loads((run_dir / "train.json").read_text())
+        assert record["global_step"] == 4 and record["attempts"] == 1
+        assert [step for step, _ in record["checkpoints"]] == [2, 4]
+        for step in (2, 4):
+            res = json.loads(run.result_path(run_dir, step, study["evaluations"]["curve"]).read_text())
+            assert res["step"] == step and 0.0 <= res["cond_acc"] <= 1.0 and res["fid_classifier"] > 0
+        raw = json.loads(run.result_path(run_dir, 4, study["evaluations"]["raw"]).read_text())
+        ema = json.loads(run.result_path(run_dir, 4, study["evaluations"]["curve"]).read_text())
+        assert raw["fid_classifier"] != ema["fid_classifier"]  # raw weights differ from the EMA after 4 steps
+
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "## Tiny study" in report and "Hand-written reading." in report
+    assert "| linear | curve | 4 |" in report and "| cosine | raw | 4 |" in report
+    assert "*Real-vs-real floor*" in report and "N=20" in report
+    for png in ("tiny_study-curves.png", "tiny_study-val-loss.png", "tiny_study-linear-grid.png"):
+        assert (tmp_path / "out" / "figures" / png).stat().st_size > 1000, png
+        assert f"figures/{png}" in report
+
+    # a second call does no work: no new fit attempt, no evaluation rewritten
+    run_dir = tmp_path / "runs" / specs[0]["id"]
+    results = sorted((run_dir / "eval").glob("*.json"))
+    mtimes = [p.stat().st_mtime_ns for p in results]
+    assert _main(study_path, tmp_path, shared_data) == 0
+    assert (run_dir / "attempts.jsonl").read_text().count("\n") == 1
+    assert [p.stat().st_mtime_ns for p in results] == mtimes
+
+    # an interrupted run (no train.json) resumes from its last.ckpt instead of starting over
+    (run_dir / "train.json").unlink()
+    assert "--ckpt_path" in run.fit_command(specs[0]["train"], run_dir, None)
+    assert _main(study_path, tmp_path, shared_data, "--train_only") == 0
+    record = json.loads((run_dir / "train.json").read_text())
+    assert record["attempts"] == 2 and record["global_step"] == 4
+    assert "Restoring states from the checkpoint" in (run_dir / "fit.log").read_text()
+
+    # the report rebuilds from the saved results alone, without checkpoints and without sampling
+    assert _main(study_path, tmp_path, shared_data, "--report_only") == 0
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    for ckpt in (tmp_path / "runs").rglob("*.ckpt"):
+        ckpt.unlink()
+    (tmp_path / "out" / "REPORT.md").unlink()
+    assert _main(study_path, tmp_path, shared_data, "--report_only") == 0
+    assert (tmp_path / "out" / "REPORT.md").read_text() == report
+
+    # a finished run is not silently reused once its base config has changed
+    with open(tmp_path / "tiny.yaml", "a") as f:
+        f.write("# edited\n")
+    assert _main(study_path, tmp_path, shared_data, "--train_only") == 2
+    assert "changed since it was trained" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"budjet": {"max_steps": 1}}, "unknown key(s) ['budjet']"),
+        ({"budget": {"max_epochs": 1}}, "budget must set one or both of: max_steps, max_time"),
+        ({"base": "configs/nope.yaml"}, "base config 'configs/nope.yaml' does not exist"),
+        ({"evaluations": {"e": {"weights": "swa"}}}, "unknown weights 'swa'; choose one of: ema, raw"),
+        ({"evaluations": {"e": {"checkpoints": "best"}}}, "unknown checkpoints 'best'; choose one of: all, last"),
+        ({"evaluations": {"e": {"sampler": "euler"}}}, "'e': unknown sampler 'euler'; choose one of: ddpm, ddim"),
+    ],
+)
+def test_bad_study_is_one_line_error(tmp_path, capsys, changes, message):
+    path = _study(tmp_path, **changes)
+    argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"), "--report_only"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("experiments: error:") and message in err and "\n" not in err
+
+
+def test_unknown_study_name_lists_the_studies(capsys):
+    assert run.main(["nope", "--report_only", "--report", "/nonexistent/R.md"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown study 'nope'; choose from:" in err and "schedules" in err and "quality_bar" in err
+
+
+def test_shipped_studies_are_valid_and_share_the_baseline_run():
+    studies = {s["name"]: s for s in run.find_studies([])}
+    assert {"schedules", "schedules_fashion", "timesteps", "conditional", "guidance", "ema", "sampling"} <= set(studies)
+    assert "quality_bar" in studies
+    ids = {name: {(s["variant"], s["seed"]): s["id"] for s in run.run_specs(st)} for name, st in studies.items()}
+    baseline = ids["schedules"][("linear", 0)]
+    # the studies that read the conditional linear T=1000 model train it once
+    assert ids["timesteps"][("T=1000", 0)] == baseline
+    assert ids["conditional"][("conditional", 0)] == baseline
+    assert ids["guidance"][("baseline", 0)] == baseline
+    assert ids["ema"][("baseline", 0)] == baseline
+    assert ids["sampling"][("baseline", 0)] == baseline
+    assert ids["schedules"][("linear", 1)] != baseline
+
+
+def test_fit_command_passes_budget_seed_data_and_checkpointing(tmp_path):
+    study = run.load_study(REPO / "experiments" / "studies" / "timesteps.yaml")
+    spec = next(s for s in run.run_specs(study) if s["variant"] == "T=10" and s["seed"] == 1)
+    cmd = run.fit_command(spec["train"], tmp_path, "/data")
+    text = " ".join(cmd)
+    assert "--model.num_timesteps 10" in text and "--seed_everything 1" in text
+    assert "--trainer.max_steps 1000 --trainer.max_epochs -1" in text
+    assert "--data.root /data --data.download false" in text
+    assert "--trainer.callbacks.every_n_train_steps 250" in text and "--ckpt_path" not in text
