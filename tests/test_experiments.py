@@ -186,6 +186,6 @@ def test_fit_command_passes_budget_seed_data_and_checkpointing(tmp_path):
     cmd = run.fit_command(spec["train"], tmp_path, "/data")
     text = " ".join(cmd)
     assert "--model.num_timesteps 10" in text and "--seed_everything 1" in text
-    assert "--trainer.max_steps 1000 --trainer.max_epochs -1" in text
+    assert "--trainer.max_steps 800 --trainer.max_epochs -1" in text
     assert "--data.root /data --data.download false" in text
-    assert "--trainer.callbacks.every_n_train_steps 250" in text and "--ckpt_path" not in text
+    assert "--trainer.callbacks.every_n_train_steps 200" in text and "--ckpt_path" not in text
