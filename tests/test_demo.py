@@ -157,7 +157,7 @@ def _expected_grid(model: DiffusionModule, seed: int, **settings) -> np.ndarray:
         ({"guidance_scale": -1.0}, "guidance scale must be in [0, 10]"),
         ({"seed": -1}, "seed must be an integer"),
         ({"seed": None}, "seed must be an integer"),
-        ({"sampler": "euler"}, "unknown sampler 'euler'; choose one of: ddim, ddpm"),
+        ({"sampler": "euler"}, "unknown sampler 'euler'; choose one of: ddpm, ddim"),
     ],
 )
 def test_absurd_requests_are_refused_with_a_message(model, change, needle):

@@ -49,7 +49,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     cache = tmp_path / "cache"
 
     main(_test_args(shared_data, tiny_checkpoint, cache))
-    files = sorted(tiny_checkpoint.parent.glob("last.metrics.ddim5-w2-n40-seed0.json"))
+    files = sorted(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed0.json"))
     assert len(files) == 1
     first = json.loads(files[0].read_text())
     res = first["results"]
@@ -74,7 +74,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     assert second["cond_acc"] == res["cond_acc"]
 
     main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1"]))
-    other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w2-n40-seed1.json")).read_text())
+    other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed1.json")).read_text())
     assert other["results"]["fid_classifier"] != res["fid_classifier"]
 
 
@@ -90,7 +90,7 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
         cmd += ["--metrics.seed=7"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w2-n40-seed7.json"))
+        path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed7.json"))
         results[devices] = json.loads(path.read_text())
         path.unlink()
     assert results[2]["world_size"] == 2
