@@ -413,7 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, studies: list[dict[str, Any]]) -> None:
-    runs_dir = Path(args.runs_dir)
+    runs_dir = Path(args.runs_dir).resolve()
+    if args.data_root is not None:  # training runs in the run folder: a relative root must not move with it
+        args.data_root = str(Path(args.data_root).resolve())
     all_specs = {s["id"]: s for study in studies for s in run_specs(study)}
     if not args.report_only:
         threads = max(1, args.threads // args.jobs)
