@@ -5,6 +5,7 @@ Nothing here trains; sampling happens only for missing sample grids, and not at 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections import defaultdict
@@ -17,6 +18,7 @@ METRICS = (("fid_classifier", "FID (classifier)", "lower"), ("cond_acc", "cond. 
 
 
 def write_report(studies: list[dict[str, Any]], runs_dir: Path, report: Path, make_grids: bool = True) -> None:
+    _scalars.cache_clear()  # runs may have logged more since an earlier report in this process
     figures = report.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     sections = [_header(studies)]
@@ -84,7 +86,9 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 1, unit: str = "
     return text + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
+@functools.cache
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar of a run; each run's event files are parsed once per report."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb" / "version_0"), size_guidance={"scalars": 0})
