@@ -30,8 +30,9 @@ format:
 	$(PYTHON) -m ruff format ddpm_lightning tests benchmarks experiments
 	$(PYTHON) -m ruff check --fix ddpm_lightning tests benchmarks experiments
 
-bench:  ## ours vs diffusers and denoising-diffusion-pytorch (`pip install -e ".[bench]"`); writes BENCHMARKS.md
+bench:  ## ours vs diffusers and denoising-diffusion-pytorch (`pip install -e ".[bench]"`), then each speed switch before/after; writes BENCHMARKS.md and benchmarks/ABLATIONS.md
 	$(PYTHON) -m benchmarks.bench --output BENCHMARKS.md $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.ablate --output benchmarks/ABLATIONS.md $(ABLATE_ARGS)
 
 experiments:  ## train, evaluate and report every study of experiments/studies (DATA=../shared/data; see experiments/README.md)
 	$(PYTHON) -m experiments.run --data_root $(DATA) --jobs 2 $(STUDIES)

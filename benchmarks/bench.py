@@ -98,8 +98,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def time_training(impl: Impl, images: torch.Tensor, warmup: int, steps: int) -> float:
-    """Training img/s over ``steps`` steps after ``warmup`` untimed ones (clock read at each step's end)."""
+def training_step_times(impl: Impl, images: torch.Tensor, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` steps after ``warmup`` untimed ones (clock read at each step's end)."""
     stamps: list[float] = []
 
     def on_step_end(step: int) -> None:
@@ -107,7 +107,12 @@ def time_training(impl: Impl, images: torch.Tensor, warmup: int, steps: int) -> 
         stamps.append(time.perf_counter())
 
     impl.train(images, warmup + steps, on_step_end)
-    return images.shape[0] * steps / (stamps[-1] - stamps[warmup - 1])
+    return [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:])]
+
+
+def time_training(impl: Impl, images: torch.Tensor, warmup: int, steps: int) -> float:
+    """Training img/s over ``steps`` steps after ``warmup`` untimed ones."""
+    return images.shape[0] * steps / sum(training_step_times(impl, images, warmup, steps))
 
 
 def time_sampling(impl: Impl, batch: int, steps: int) -> float:

@@ -32,6 +32,9 @@ from ddpm_lightning.module import DiffusionModule
 Precision = Literal["fp32", "bf16"]
 #: model arguments of a recipe that are not the network or the diffusion (the bench runs a fixed-rate step)
 NOT_MODEL_SHAPE = ("optimizer", "lr_scheduler", "lr_scheduler_interval", "warmup_steps")
+#: optimizer arguments that choose how the update is computed, not what it computes: ours takes the recipe's; the
+#: peers run as their examples do (torch's default: a per-parameter loop on CPU, foreach on CUDA)
+OPTIMIZER_SWITCHES = ("fused", "foreach", "capturable")
 #: called after each completed training step with its index
 StepHook = Callable[[int], None]
 
@@ -48,6 +51,7 @@ class Shape:
     grad_clip: float | None
     ema_decay: float
     overrides: dict[str, Any] = field(default_factory=dict)
+    optimizer_switches: dict[str, Any] = field(default_factory=dict)  # ours only, see OPTIMIZER_SWITCHES
 
 
 def _import(class_path: str) -> Any:
@@ -61,6 +65,7 @@ def load_shape(name: str, config: Path, overrides: dict[str, Any] | None = None)
     data_cls, data_args = _import(cfg["data"]["class_path"]), cfg["data"].get("init_args", {})
     model_args = {k: v for k, v in cfg["model"].items() if k not in NOT_MODEL_SHAPE} | (overrides or {})
     opt = cfg["model"].get("optimizer", {"class_path": "torch.optim.Adam"})
+    opt_args = opt.get("init_args", {})
     emas = [cb for cb in cfg["trainer"].get("callbacks", []) if cb["class_path"].endswith(".EMA")]
     ema_decay = emas[0].get("init_args", {}).get("decay", 0.9999) if emas else 0.9999
     return Shape(
@@ -68,10 +73,13 @@ def load_shape(name: str, config: Path, overrides: dict[str, Any] | None = None)
         in_channels=data_cls.native_channels,
         image_size=data_args.get("image_size") or data_cls.native_size,
         model_args=model_args,
-        optimizer=partial(_import(opt["class_path"]), **opt.get("init_args", {})),
+        optimizer=partial(
+            _import(opt["class_path"]), **{k: v for k, v in opt_args.items() if k not in OPTIMIZER_SWITCHES}
+        ),
         grad_clip=cfg["trainer"].get("gradient_clip_val"),
         ema_decay=ema_decay,
         overrides=overrides or {},
+        optimizer_switches={k: v for k, v in opt_args.items() if k in OPTIMIZER_SWITCHES},
     )
 
 
@@ -138,8 +146,9 @@ class Ours(Impl):
         import ddpm_lightning
 
         self.version = getattr(ddpm_lightning, "__version__", "")
+        optimizer = partial(shape.optimizer, **shape.optimizer_switches)
         self.module = DiffusionModule(
-            in_channels=shape.in_channels, image_size=shape.image_size, optimizer=shape.optimizer, **shape.model_args
+            in_channels=shape.in_channels, image_size=shape.image_size, optimizer=optimizer, **shape.model_args
         ).to(device)
         self.net = self.module.net
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

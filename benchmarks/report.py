@@ -54,7 +54,7 @@ def limit(device: torch.device, precision: str, matmul_rates: list[float]) -> tu
     return max(matmul_rates), f"best {dtype} {n}x{n} matmul rate measured in this run"
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if value < 10 ** (digits - 1) else f"{value:.0f}"
 
 
@@ -74,7 +74,7 @@ def results_table(shapes: list[dict], limit_flops: float, sample_steps: int) -> 
             sample_frac = r.sample * r.sample_flops / limit_flops
             lines.append(
                 f"| {s['shape'].name} | {r.impl} | {r.params / 1e6:.2f}M | {r.train_flops / 1e9:.3g} | "
-                f"{_fmt(r.train)} | {train_frac:.0%} | {r.sample_flops / 1e9:.4g} | {_fmt(r.sample)} | "
+                f"{fmt(r.train)} | {train_frac:.0%} | {r.sample_flops / 1e9:.4g} | {fmt(r.sample)} | "
                 f"{sample_frac:.0%} | {_mib(r.train_mem)} | {_mib(r.sample_mem)} |"
             )
     return lines
@@ -163,8 +163,8 @@ def render(shapes: list[dict], machine: dict, limit_flops: float, limit_name: st
     lines += ["", "## Per-round figures (img/s)", ""]
     for s in shapes:
         for r in s["results"]:
-            train = ", ".join(_fmt(v) for v in r.train_ips)
-            sample = ", ".join(_fmt(v) for v in r.sample_ips)
+            train = ", ".join(fmt(v) for v in r.train_ips)
+            sample = ", ".join(fmt(v) for v in r.sample_ips)
             lines.append(f"- {s['shape'].name} {r.impl}: train {train}; sample {sample}")
     notes = [n for s in shapes for n in s["notes"]]
     if notes:

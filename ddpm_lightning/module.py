@@ -72,6 +72,12 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps, from ``lr / warmup_steps`` to
             ``lr`` (0 = none); multiplies with ``lr_scheduler``, which keeps its own interval.
+        channels_last: keep the network's 4-D weights channels-last (NHWC), the layout oneDNN and cuDNN convolutions
+            prefer (activations follow the weights). Same results up to float rounding; its measured effect is in
+            ``benchmarks/ABLATIONS.md``.
+        torch_compile: compile the network with ``torch.compile`` when ``fit`` starts (the first steps pay for the
+            compilation). Checkpoints are the same either way; the EMA copy and sampling outside ``fit`` stay eager.
+            Its measured effect is in ``benchmarks/ABLATIONS.md``.
     """
 
     def __init__(
@@ -98,6 +104,8 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         warmup_steps: int = 0,
+        channels_last: bool = False,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         if conditional and num_classes < 1:
@@ -124,12 +132,15 @@ class DiffusionModule(L.LightningModule):
             num_heads=num_heads,
             num_groups=num_groups,
         )
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         betas = make_betas(schedule, num_timesteps, **(schedule_params or {}))
         self.diffusion = GaussianDiffusion(betas, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
         self.optimizer_factory = SharedFactory(optimizer)
         self.lr_scheduler_factory = SharedFactory(lr_scheduler) if lr_scheduler is not None else None
         self._rng_states_to_restore: dict[str, Tensor] | None = None  # from a checkpoint, set at on_train_start
         self._effective_batch_pending = False
+        self._compiled = False  # the network is compiled once, by the first fit
 
     # -- conditioning ------------------------------------------------------------------------------------------
     @property
@@ -174,7 +185,13 @@ class DiffusionModule(L.LightningModule):
             "rate, keep gradient_clip_val, or use bf16-mixed / 32-true rather than 16-mixed)"
         )
 
-    # -- fit-level hooks: effective batch size, exact resume -----------------------------------------------------
+    # -- fit-level hooks: compilation, effective batch size, exact resume ----------------------------------------
+    def on_fit_start(self) -> None:
+        # here, not in configure_model: the EMA callback has copied the module in its setup, so the copy stays eager
+        if self.hparams.torch_compile and not self._compiled:
+            self.net.compile()  # in place: parameter names, and so checkpoints, do not change
+            self._compiled = True
+
     def on_train_start(self) -> None:
         if self._rng_states_to_restore is not None and self.trainer.ckpt_path:
             # here, after the sanity check and the loaders' set-up, right before the first resumed step: t, noise
@@ -230,6 +247,14 @@ class DiffusionModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
+        trainer = self._trainer
+        if optimizer.defaults.get("fused") and trainer is not None and trainer.gradient_clip_val:
+            if str(trainer.precision) == "16-mixed":  # said here, before any step, not by Lightning at the first
+                raise ValueError(
+                    "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it: "
+                    "with gradient_clip_val and precision 16-mixed use model.optimizer.init_args.fused: false, or "
+                    "precision bf16-mixed / 32-true"
+                )
         schedulers = []
         if self.hparams.warmup_steps > 0:
             warmup = torch.optim.lr_scheduler.LinearLR(
@@ -243,6 +268,26 @@ class DiffusionModule(L.LightningModule):
         if not schedulers:
             return optimizer
         return [optimizer], schedulers
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """Lightning's clipping, except for a fused optimizer without a gradient scaler (32-true, bf16-mixed).
+
+        Lightning's mixed-precision plugin refuses to clip for any fused optimizer, bf16-mixed included, although only
+        fp16's gradient scaler (gradients still scaled until the fused step) makes clipping wrong; without a scaler the
+        gradients are the true ones, and they are clipped here exactly as Lightning clips them.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not gradient_clip_val or not optimizer.defaults.get("fused") or scaler is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # -- sampling --------------------------------------------------------------------------------------------------
     @contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +67,38 @@ def test_tiny_run_prints_the_tables(capsys, tmp_path):
     assert "| shape | implementation | params |" in printed and "| tiny | ours | 0.04M |" in printed
     report = out.read_text()
     assert report.startswith("# Benchmarks") and "--shapes tiny" in report and "| tiny | ours |" in report
+
+
+def test_optimizer_switches_go_to_ours_only(tmp_path):
+    # the recipe's fused/foreach choose how ours computes the update; the peers keep their examples' defaults
+    recipe = yaml.safe_load((REPO / "configs" / "mnist.yaml").read_text())
+    recipe["model"]["optimizer"]["init_args"] |= {"lr": 2e-4, "fused": True}
+    config = tmp_path / "fused.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    shape = load_shape("tiny", config, bench.SHAPES["tiny"][1])
+    assert shape.optimizer_switches == {"fused": True}
+    assert "fused" not in shape.optimizer.keywords and shape.optimizer.keywords["lr"] == 2e-4
+    (ours,), _ = build_impls(["ours"], shape, torch.device("cpu"), "fp32")
+    optimizer = ours.module.optimizer_factory(ours.module.parameters())
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+
+
+def test_tiny_ablation_prints_every_variant(tmp_path, shared_data):
+    from benchmarks import ablate
+
+    out = tmp_path / "ABL.md"
+    argv = ["--shapes", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "2", "--train-steps", "1"]
+    argv += ["--sample-steps", "2", "--data_root", str(shared_data), "--output", str(out)]
+    assert ablate.main(argv) == 0
+    report = out.read_text()
+    assert report.startswith("# Speed switches, before and after") and "--rounds 2" in report
+    rows = ["| channels_last | NCHW |", "|  | channels_last |", "| optimizer | per-parameter loop |", "|  | fused |"]
+    assert all(row in report for row in rows)
+    assert "| compile |" not in report  # only with --compile: minutes of compiling
+    assert "EMA update over all weights" in report and "sampling by batch size" in report
+    assert "real-MNIST training loader" in report and "% of a training step" in report
+    # one timed step per round: the median over the steps is the median of the two rounds it prints
+    line = next(x for x in report.splitlines() if x.startswith("|  | fused |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rounds = [float(v) for v in cells[-1].split(", ")]
+    assert float(cells[2]) == pytest.approx(sum(rounds) / 2, rel=0.01)

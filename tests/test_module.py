@@ -159,3 +159,90 @@ def test_real_mnist_validation_loss_drops(shared_data, tmp_path):
     end = trainer.callback_metrics["val/loss"].item()
     assert start > 0.5  # an untrained eps-predictor is near the unit variance of the noise
     assert end < 0.5 * start, (start, end)
+
+
+def _loss_and_grads(model: DiffusionModule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training loss and its gradients on a fixed batch, with fixed draws of t, noise, dropout and labels."""
+    model.zero_grad(set_to_none=True)  # a fitted model keeps the gradients of its last step
+    x_start, y = next(iter(_loader()))
+    torch.manual_seed(1)
+    t = torch.randint(0, model.diffusion.num_timesteps, (x_start.shape[0],))
+    loss = model.diffusion.training_loss(model._denoise_fn(y), x_start, t).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every parameter's gradient agrees up to float rounding: relative error of the whole tensor below 1e-4."""
+    assert got.keys() == expected.keys()
+    for k, g in expected.items():
+        err = float((got[k] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err < 1e-4, f"{k}: relative gradient error {err:.2e}"
+
+
+def _fit(tmp_path, validate: bool = True, **model_kw) -> DiffusionModule:
+    L.seed_everything(0)
+    model = _tiny_model(**{"conditional": True, "dropout": 0.1, "cond_drop_prob": 0.2} | model_kw)
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer.fit(model, _loader(), _loader(16) if validate else None)
+    return model
+
+
+def test_channels_last_gives_the_same_loss_and_gradients_and_checkpoints_load_either_way(tmp_path):
+    nets = {}
+    for name, flag in [("nchw", False), ("nhwc", True)]:
+        torch.manual_seed(0)
+        nets[name] = _tiny_model(conditional=True, dropout=0.1, cond_drop_prob=0.2, channels_last=flag)
+    loss_a, grads_a = _loss_and_grads(nets["nchw"])
+    loss_b, grads_b = _loss_and_grads(nets["nhwc"])
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    _assert_same_gradients(grads_b, grads_a)
+
+    model = _fit(tmp_path, channels_last=True)  # the layout survives the optimizer, the EMA and checkpointing
+    conv = model.net.conv_out.weight  # (1, 8, 3, 3): NCHW and NHWC strides differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    as_nchw = DiffusionModule.load_from_checkpoint(ckpt, weights_only=True, channels_last=False)
+    as_nhwc = DiffusionModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert as_nhwc.net.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    assert as_nchw.net.conv_out.weight.is_contiguous()
+    a = as_nchw.sample(4, labels=[0, 1, 2, 0], num_steps=5, generator=torch.Generator().manual_seed(1))
+    b = as_nhwc.sample(4, labels=[0, 1, 2, 0], num_steps=5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_with_the_same_gradients_and_the_same_checkpoint(tmp_path):
+    # dropout 0: compiled code draws its dropout masks from its own generator, so they would differ from eager's
+    model = _fit(tmp_path, validate=False, torch_compile=True, dropout=0.0)  # one compilation (training mode)
+    assert model.net._compiled_call_impl is not None  # fit compiled it
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    eager = _tiny_model(conditional=True, dropout=0.0, cond_drop_prob=0.2)
+    assert ckpt["state_dict"].keys() == eager.state_dict().keys()  # no "_orig_mod." prefixes: loads anywhere
+    eager.load_state_dict(model.state_dict())
+    loss_a, grads_a = _loss_and_grads(eager)
+    loss_b, grads_b = _loss_and_grads(model)  # the compiled forward and backward, same weights and draws
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    _assert_same_gradients(grads_b, grads_a)
+
+
+def test_fused_optimizer_is_clipped_under_bf16_mixed_and_refused_with_fp16(tmp_path, monkeypatch):
+    from functools import partial
+
+    # bf16-mixed has no gradient scaler: Lightning's plugin refuses to clip for a fused optimizer, the module clips
+    model = _tiny_model(optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True))
+    model.trainer = _trainer(tmp_path, gradient_clip_val=0.5, callbacks=[], precision="bf16-mixed")
+    optimizer = model.configure_optimizers()
+    assert optimizer.defaults["fused"] is True
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        model.clip_gradients(optimizer, 0.5, "norm")  # Lightning's own path
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    model.configure_gradient_clipping(optimizer, 0.5, "norm")
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(0.5, rel=1e-5)
+    model.configure_gradient_clipping(optimizer, 0.01, "value")
+    assert all(float(p.grad.abs().max()) <= 0.01 for p in model.parameters())
+    # 16-mixed scales the gradients until the fused step: clipping first would be wrong, so it is refused up front
+    monkeypatch.setattr(L.Trainer, "precision", property(lambda self: "16-mixed"))
+    with pytest.raises(ValueError, match=r"16-mixed use model.optimizer.init_args.fused: false"):
+        model.configure_optimizers()
