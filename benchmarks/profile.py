@@ -10,6 +10,8 @@ steps. The table is sorted by self time, so convolutions, norms and copies show 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--output", type=Path, help="also write the table here, with the command that made it")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -46,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         with profile(activities=activities) as prof:
             impl.sample(args.batch, args.sample_steps)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows)
+    print(table)
+    if args.output:
+        argv = " ".join(sys.argv[1:])
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(f"python -m benchmarks.profile {argv}\n{device}, torch {torch.__version__}\n\n{table}\n")
     return 0
 
 

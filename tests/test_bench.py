@@ -96,6 +96,7 @@ def test_tiny_ablation_prints_every_variant(tmp_path, shared_data):
     assert all(row in report for row in rows)
     assert "| compile |" not in report  # only with --compile: minutes of compiling
     assert "EMA update over all weights" in report and "sampling by batch size" in report
+    assert "Optimizer update alone (its `step()` over all weights): per-parameter loop" in report
     assert "real-MNIST training loader" in report and "% of a training step" in report
     # one timed step per round: the median over the steps is the median of the two rounds it prints
     line = next(x for x in report.splitlines() if x.startswith("|  | fused |"))
