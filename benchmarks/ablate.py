@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="measure torch_compile too (compiling takes ~2 min per shape on a 2-core CPU)",
+        help="measure torch_compile too (compiling took 2-10 min per shape on a 2-core CPU)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
