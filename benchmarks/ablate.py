@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks import measure, report
-from benchmarks.bench import BATCHES, REPO, SHAPES, resolve_device, time_sampling, training_step_times
+from benchmarks.bench import BATCHES, REPO, SHAPES, resolve_device, rotated, time_sampling, training_step_times
 from benchmarks.impls import Ours, Shape, copy_shape, load_shape
 from ddpm_lightning.callbacks import EMA
 
@@ -146,9 +146,7 @@ def run_ablation(ablation: Ablation, shape: Shape, device: torch.device, args: a
         if "sample" in ablation.modes:
             impl.sample(sample_batch, 1)
     for r in range(args.rounds):
-        order = list(range(len(impls)))
-        order = order[r % len(order) :] + order[: r % len(order)]
-        for i in order:
+        for i in rotated(range(len(impls)), r):
             if "train" in ablation.modes:
                 seconds = training_step_times(impls[i], images, 1, steps)
                 rows[i].step_ips += [train_batch / t for t in seconds]
@@ -174,18 +172,8 @@ def time_ema_updates(shape: Shape, device: torch.device, repeats: int = 5) -> di
             a.lerp_(c, 1.0 - 0.999)
 
     fns: dict[str, Callable] = {"per-parameter loop": loop, "foreach lerp (ours)": ema._multi_avg}
-    times: dict[str, list[float]] = {k: [] for k in fns}
     n = torch.tensor(100)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            fn(averaged, current, n)  # warm
-            measure.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(5):
-                fn(averaged, current, n)
-            measure.synchronize(device)
-            times[name].append((time.perf_counter() - start) / 5 * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return _ms_per_call({k: partial(fn, averaged, current, n) for k, fn in fns.items()}, device, repeats)
 
 
 def time_optimizer_updates(shape: Shape, device: torch.device, repeats: int = 5) -> dict[str, float]:
@@ -197,16 +185,21 @@ def time_optimizer_updates(shape: Shape, device: torch.device, repeats: int = 5)
     variants = next(a for a in ABLATIONS if a.name == "optimizer").variants
     optimizers = {v.label: partial(shape.optimizer, **{**shape.optimizer_switches, **v.optimizer}) for v in variants}
     built = {label: make(model.parameters()) for label, make in optimizers.items()}
-    times: dict[str, list[float]] = {k: [] for k in built}
+    return _ms_per_call({label: opt.step for label, opt in built.items()}, device, repeats)
+
+
+def _ms_per_call(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each function: ``repeats`` interleaved rounds of 5 calls after a warm call."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for label, opt in built.items():
-            opt.step()  # warm (state allocated on the first call)
+        for name, fn in fns.items():
+            fn()  # warm (an optimizer allocates its state on the first step)
             measure.synchronize(device)
             start = time.perf_counter()
             for _ in range(5):
-                opt.step()
+                fn()
             measure.synchronize(device)
-            times[label].append((time.perf_counter() - start) / 5 * 1e3)
+            times[name].append((time.perf_counter() - start) / 5 * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -217,7 +210,7 @@ def time_sample_batches(shape: Shape, device: torch.device, args: argparse.Names
     impl.sample(batches[0], 1)
     out: dict[int, list[float]] = {b: [] for b in batches}
     for r in range(args.rounds):
-        for b in batches[r % len(batches) :] + batches[: r % len(batches)]:
+        for b in rotated(batches, r):
             out[b].append(time_sampling(impl, b, args.sample_steps))
         print(f"  [{shape.name}] sample batch round {r + 1}: " + ", ".join(f"{b}: {v[-1]:.3g}" for b, v in out.items()))
     return out

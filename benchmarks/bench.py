@@ -98,6 +98,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rotated(items: list | tuple, round_index: int) -> list:
+    """``items`` starting at ``round_index`` (mod their number): who goes first changes every round."""
+    k = round_index % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
 def training_step_times(impl: Impl, images: torch.Tensor, warmup: int, steps: int) -> list[float]:
     """Seconds of each of ``steps`` steps after ``warmup`` untimed ones (clock read at each step's end)."""
     stamps: list[float] = []
@@ -167,7 +173,7 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device, limit
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     for r in range(args.rounds):
         limits.append(measure.matmul_rate(device, dtype))
-        order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotate who goes first
+        order = rotated(impls, r)
         for impl in order:
             results[impl.name].train_ips.append(time_training(impl, images, args.warmup_steps, steps))
             print(f"  round {r + 1} {impl.name}: train {results[impl.name].train_ips[-1]:.2f} img/s", flush=True)
