@@ -10,7 +10,8 @@
   SLURM requeue checkpoints (``hpc_ckpt_N.ckpt``); Lightning's own ``"last"`` only looks into the folder of the new
   run, which a fresh logger version leaves empty, and then silently starts from scratch.
 * :func:`rng_states` / :func:`set_rng_states` capture and restore the global torch generators, so the ``t`` and
-  noise draws after a resume are the ones the uninterrupted run would have made.
+  noise draws after a resume are the ones the uninterrupted run would have made; :class:`ExactResume` is the
+  callback that does it at the right moments.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
@@ -158,3 +159,25 @@ def set_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
     torch.set_rng_state(states["cpu"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
+
+
+class ExactResume(Callback):
+    """Saves the global generator states in every checkpoint (``checkpoint["rng_states"]``) and restores them right
+    before the first resumed training step, after the sanity check and the loaders' set-up: ``t``, noise and dropout
+    masks then continue as in the uninterrupted run. The CLI adds it to every run
+    (:class:`~ddpm_lightning.cli.DDPMCLI`).
+    """
+
+    def __init__(self) -> None:
+        self._to_restore: dict[str, Tensor] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states(pl_module.device)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._to_restore is not None and trainer.ckpt_path:
+            set_rng_states(self._to_restore, pl_module.device)
+        self._to_restore = None

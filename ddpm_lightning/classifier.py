@@ -14,13 +14,12 @@ real batches (after the DataModule's ``on_after_batch_transfer``) and samples go
 Retrain and re-export::
 
     ddpm classifier fit --config configs/classifier_mnist.yaml
-    python -m ddpm_lightning.classifier export lightning_logs/version_0/checkpoints/last.ckpt \\
-        ddpm_lightning/assets/mnist_classifier.pt --dataset mnist --data-root data
+    ddpm classifier export --checkpoint lightning_logs/version_0/checkpoints/last.ckpt \\
+        --out ddpm_lightning/assets/mnist_classifier.pt --dataset mnist --data_root data
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from importlib import resources
 from pathlib import Path
@@ -300,7 +299,7 @@ def export_classifier(
 def load_test_split(dataset: ClassifierName, root: str) -> tuple[Tensor, Tensor]:
     """The real 10k test split as (N, 1, 28, 28) floats in [-1, 1] and (N,) labels."""
     from ddpm_lightning.data import FashionMNISTDataModule, MNISTDataModule
-    from ddpm_lightning.data.base import to_model_range
+    from ddpm_lightning.images import to_model_range
 
     datamodules = {"mnist": MNISTDataModule, "fashion_mnist": FashionMNISTDataModule}
     if dataset not in datamodules:
@@ -309,28 +308,3 @@ def load_test_split(dataset: ClassifierName, root: str) -> tuple[Tensor, Tensor]
     datamodule.setup("test")
     images, labels = datamodule.test_set.tensors
     return to_model_range(images), labels
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ddpm_lightning.classifier export CKPT OUT --dataset mnist --data-root DIR``.
-
-    Loads a Lightning checkpoint, measures its accuracy on the dataset's real test split and exports it.
-    """
-    parser = argparse.ArgumentParser(prog="python -m ddpm_lightning.classifier")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="checkpoint -> small weights file, with its test accuracy")
-    export.add_argument("checkpoint", help="Lightning checkpoint of ClassifierModule")
-    export.add_argument("out", help="output file, e.g. ddpm_lightning/assets/mnist_classifier.pt")
-    export.add_argument("--dataset", choices=list(SHIPPED_CLASSIFIERS), required=True)
-    export.add_argument("--data-root", default="data", help="root of the dataset whose test split is measured")
-    args = parser.parse_args(argv)
-    model = load_classifier(args.checkpoint)
-    images, labels = load_test_split(args.dataset, args.data_root)
-    test_acc = accuracy(model, images, labels)
-    export_classifier(model, args.out, args.dataset, test_acc)
-    size_kb = Path(args.out).stat().st_size / 1024
-    print(f"wrote {args.out} ({size_kb:.0f} KiB): {args.dataset} test accuracy {test_acc:.4f} on {len(labels)} images")
-
-
-if __name__ == "__main__":
-    main()

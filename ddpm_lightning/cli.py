@@ -1,13 +1,11 @@
-"""``ddpm``: the LightningCLI over :class:`DiffusionModule` and the DataModules.
+"""``ddpm``: the LightningCLI over :class:`DiffusionModule` and the DataModules, and the entry of every command.
 
-LightningCLI subcommands ``fit``, ``validate`` and ``test`` (``test`` also computes the sample metrics configured
-under ``metrics``); ``--config`` YAML files; ``--print_config``. Generation is ``ddpm sample`` (``ddpm predict``
-points there) and ``ddpm sweep`` evaluates a checkpoint over sampling step counts (:mod:`ddpm_lightning.commands`).
-``ddpm classifier fit|validate|test ...`` runs the same CLI over :class:`ClassifierModule` (the domain classifier of
-the FID/accuracy metrics, ``configs/classifier_*.yaml``). Values the data decides (channels, image size, number of
-classes) are linked from the DataModule into the model. Checkpoints given with ``--ckpt_path`` are loaded with
-``weights_only=True`` by default. ``ddpm demo --ckpt_path CKPT`` serves a web page over a checkpoint
-(:mod:`ddpm_lightning.demo`, needs the ``demo`` extra).
+``ddpm fit|validate|test`` is LightningCLI (``test`` also computes the sample metrics configured under ``metrics``);
+``--config`` YAML files; ``--print_config``. The other commands (``sample``, ``sweep``, ``demo``, ``classifier ...``)
+are listed in one registry, :data:`ddpm_lightning.commands.COMMANDS`, which ``ddpm --help`` prints. Values the data
+decides (channels, image size, number of classes) are linked from the DataModule into the model; the same parser
+and links build a DataModule from a recipe for the other commands (:func:`datamodule_from_recipe`). Checkpoints
+given with ``--ckpt_path`` are loaded with ``weights_only=True`` by default.
 
 Bad input (an unknown schedule, an impossible image size, a missing dataset, ...) ends with a one-line
 ``ddpm: error: ...`` and exit code 2; set ``DDPM_DEBUG=1`` to see the full traceback instead.
@@ -27,10 +25,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ddpm_lightning.callbacks.batch_size import EffectiveBatchSize
 from ddpm_lightning.callbacks.metrics import SampleMetrics
 from ddpm_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointLoadError,
+    ExactResume,
     checkpoint_load_error,
     find_last_checkpoint,
 )
@@ -79,6 +79,9 @@ class DDPMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        for always in (ExactResume, EffectiveBatchSize):  # every run resumes exactly and says its batch size
+            if not any(isinstance(cb, always) for cb in trainer.callbacks):
+                trainer.callbacks.append(always())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no plugin in the YAML
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill never leaves a torn last.ckpt
         return trainer
@@ -118,39 +121,40 @@ def _build(model_class: type, prog: str, args: list[str] | None, run: bool) -> D
     )
 
 
+def datamodule_from_recipe(recipe: str | os.PathLike, data_root: str | None = None, *overrides: str) -> ImageDataModule:
+    """The DataModule of a training recipe, built by the same parser, defaults and links as ``ddpm fit``.
+
+    ``data_root`` replaces ``data.root`` and turns the download off; ``overrides`` are further ``--key value``
+    arguments. Nothing is trained and no logger is created.
+    """
+    args = ["--config", str(recipe), "--trainer.logger", "false", "--trainer.callbacks", "[]", *overrides]
+    if data_root is not None:
+        args += ["--data.root", str(data_root), "--data.download", "false"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _build(DiffusionModule, "ddpm", args, run=False)
+    return cli.datamodule
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turning user errors into one line and exit code 2."""
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] in (["-h"], ["--help"]):
-        print("ddpm also has: sample, sweep, demo, classifier (e.g. `ddpm sample --help`)\n")
+    """Console entry point: run the command, turning user errors into one line and exit code 2."""
+    from ddpm_lightning.commands import COMMANDS, usage
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
     try:
-        if argv[:1] == ["predict"]:
-            raise ValueError(
-                "generation is `ddpm sample --ckpt_path CKPT [--num_samples N --labels ... --sampler ddim ...]` "
-                "(writes a grid, PNGs, an .npz and a trajectory); see `ddpm sample --help`"
-            )
-        if argv[:1] in (["sample"], ["sweep"]):
-            from ddpm_lightning.commands import sample_command, sweep_command
-
-            (sample_command if argv[0] == "sample" else sweep_command)(argv[1:])
-        elif argv[:1] == ["demo"]:  # the gradio page (optional extra `demo`), imported only when asked for
-            from ddpm_lightning.demo import main as demo_main
-
-            demo_main(argv[1:])
-        elif argv[:1] == ["classifier"]:
-            with warnings.catch_warnings():
-                # argv minus its first word goes in as `args`; Lightning warns when sys.argv has arguments too
-                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                build_classifier_cli(argv[1:])
-        else:
-            build_cli(args)
+        if argv[0] not in COMMANDS:
+            raise ValueError(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        COMMANDS[argv[0]].run(argv[1:])
     except USER_ERRORS as err:
         if os.environ.get("DDPM_DEBUG"):
             raise
         msg = " ".join(line.strip() for line in str(err).strip().splitlines()) or type(err).__name__
         print(f"ddpm: error: {msg}", file=sys.stderr)
         if isinstance(err, ArgumentError):
-            print("ddpm: see `ddpm --help` and `ddpm SUBCOMMAND --help` for the options", file=sys.stderr)
+            print("ddpm: see `ddpm --help` and `ddpm COMMAND --help` for the options", file=sys.stderr)
         sys.exit(2)
 
 

@@ -16,16 +16,10 @@ code). Requests outside the limits (batch above ``--max_batch``, steps outside [
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import io
 import json
 import math
-import os
-import sys
-import tempfile
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.utils import make_grid
 
-from ddpm_lightning import commands
-from ddpm_lightning.callbacks.samples import trajectory_strip
+from ddpm_lightning.images import grid, to_hwc, trajectory_strip
 from ddpm_lightning.module import DiffusionModule
-from ddpm_lightning.samplers import SAMPLERS
+from ddpm_lightning.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplingConfig, choice_error
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -81,7 +73,7 @@ def check_request(
     """Raise :class:`DemoError` naming the first setting outside the limits."""
     num_timesteps = model.diffusion.num_timesteps
     if sampler not in SAMPLERS:
-        raise DemoError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise DemoError(str(choice_error("sampler", sampler, list(SAMPLERS))))
     if not _is_int(batch_size) or not 1 <= batch_size <= max_batch:
         raise DemoError(f"batch size must be an integer in [1, {max_batch}], got {batch_size!r}")
     if not _is_int(num_steps) or not 1 <= num_steps <= num_timesteps:
@@ -116,17 +108,12 @@ def generate(
     None when the batch's trajectory would exceed :data:`MAX_TRAJECTORY_BYTES`. Deterministic given ``seed``."""
     hp = model.hparams
     labels = batch_labels(model, label, int(batch_size))
-    steps = model.diffusion.num_timesteps if sampler == "ddpm" else int(num_steps)  # DDPM runs all T steps
+    config = model.sampling.replace(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
+    steps = config.steps(model.diffusion.num_timesteps)  # DDPM runs all T steps
     want_trajectory = (steps + 1) * batch_size * hp.in_channels * hp.image_size**2 * 4 <= MAX_TRAJECTORY_BYTES
     gen = torch.Generator(device=model.device).manual_seed(int(seed))
     out = model.sample(
-        int(batch_size),
-        labels=labels,
-        sampler=sampler,
-        num_steps=int(num_steps),
-        guidance_scale=float(guidance_scale),
-        generator=gen,
-        return_trajectory=want_trajectory,
+        int(batch_size), labels=labels, sampling=config, generator=gen, return_trajectory=want_trajectory
     )
     if not want_trajectory:
         return out.float().cpu(), None
@@ -137,14 +124,7 @@ def generate(
 
 def to_uint8_grid(images: Tensor, nrow: int) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> one (H', W', 3) uint8 grid with white 2-pixel gutters."""
-    grid = make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)  # (3, H', W')
-    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def to_uint8_image(image: Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W) uint8 for one channel, (H, W, C) otherwise; the grid's rounding."""
-    pixels = ((image + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    return to_hwc(grid(images, nrow))
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -157,7 +137,7 @@ def write_zip(path: Path, images: Tensor, grid: np.ndarray, strip: np.ndarray | 
     """Zip of ``sample_NNN.png`` (one per image, native size), ``grid.png``, ``trajectory.png`` and the settings."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for i, image in enumerate(images):
-            zf.writestr(f"sample_{i:03d}.png", _png_bytes(to_uint8_image(image)))
+            zf.writestr(f"sample_{i:03d}.png", _png_bytes(to_hwc(image)))
         zf.writestr("grid.png", _png_bytes(grid))
         if strip is not None:
             zf.writestr("trajectory.png", _png_bytes(strip))
@@ -210,7 +190,7 @@ def _settings(gr: Any, model: DiffusionModule, max_batch: int) -> list:
     choices = [("all classes in turn", ALL_CLASSES)] + [(str(k), str(k)) for k in range(num_classes)]
     return [
         gr.Dropdown(choices, value=ALL_CLASSES, label="class", visible=model.conditional, elem_id="label"),
-        gr.Radio(list(SAMPLERS), value="ddim", label="sampler", elem_id="sampler"),
+        gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="sampler", elem_id="sampler"),
         gr.Slider(
             1,
             num_timesteps,
@@ -253,7 +233,7 @@ def _respond(
     strip_png = None
     if strip is not None:
         strip_png = to_uint8_grid(strip, nrow=strip.shape[0] // min(TRAJECTORY_ROWS, batch_size))
-    steps_run = model.diffusion.num_timesteps if sampler == "ddpm" else num_steps
+    steps_run = SamplingConfig(sampler=sampler, num_steps=num_steps).steps(model.diffusion.num_timesteps)
     settings = {"sampler": sampler, "steps": steps_run, "seed": seed, "batch_size": batch_size}
     if model.conditional:
         settings |= {"class": label, "guidance_scale": guidance_scale}
@@ -262,65 +242,7 @@ def _respond(
     return grid, strip_png, str(write_zip(out_dir / name, images, grid, strip_png, settings))
 
 
-# -- command line ------------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like the rest of `ddpm`
-        _fail(f"{message} (see `ddpm demo --help`)")
-
-
-def _fail(message: str) -> None:
-    print(f"ddpm: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog="ddpm demo", description="A web page that samples from a checkpoint (gradio).")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `ddpm fit` (EMA weights)")
-    parser.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 serves anyone who can reach it)",
-    )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
-    parser.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH, help="largest batch a request may ask")
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535 or args.max_batch < 1:
-        parser.error("--port must be in [0, 65535] and --max_batch >= 1")
-    return args
-
-
-def load_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> DiffusionModule:
-    """The checkpoint's model (EMA weights) in eval mode on ``device``: :func:`ddpm_lightning.commands.load_model`,
-    its one-line errors raised as :class:`DemoError`."""
-    try:
-        return commands.load_model(ckpt_path, device)
-    except (ValueError, FileNotFoundError) as err:
-        raise DemoError(str(err)) from err
-
-
+# -- serving (the command line is ddpm_lightning.commands.demo) -----------------------------------------------------
 def serve(app: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True) -> None:
     """Start the server on ``host:port``, with no share link; ``block=False`` returns once it is up (tests)."""
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=not block, css=CSS)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``ddpm demo ...``: load the checkpoint, build the page, serve it until interrupted."""
-    args = parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check on start
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the page needs nothing from the Hugging Face hub
-    if importlib.util.find_spec("gradio") is None:  # checked without importing it (seconds)
-        _fail("the demo needs gradio: pip install -e '.[demo]'")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        torch.device(device)
-    except RuntimeError as err:
-        _fail(f"--device {device!r}: {str(err).splitlines()[0]}")
-    try:
-        model = load_model(args.ckpt_path, device)
-    except DemoError as err:
-        if os.environ.get("DDPM_DEBUG"):
-            raise
-        _fail(str(err))
-    with tempfile.TemporaryDirectory(prefix="ddpm-demo-") as out_dir:
-        serve(build_app(model, Path(out_dir), args.max_batch), args.host, args.port)

@@ -22,6 +22,9 @@ from torch import Tensor
 from ddpm_lightning.schedules import check_betas
 
 PredictionType = Literal["eps", "x0", "v"]
+#: sigma_t^2 of the DDPM reverse step (Ho et al. 2020 Sec. 3.2): "fixed_small" = posterior variance
+#: beta-tilde_t (optimal for deterministic x_0), "fixed_large" = beta_t (optimal for x_0 ~ N(0, I))
+VarianceType = Literal["fixed_small", "fixed_large"]
 
 
 def extract(a: Tensor, t: Tensor, x_shape: Sequence[int]) -> Tensor:
@@ -109,6 +112,19 @@ class GaussianDiffusion(torch.nn.Module):
     def num_timesteps(self) -> int:
         """T, the number of diffusion steps."""
         return self.betas.shape[0]
+
+    def reverse_log_variance(self, variance: VarianceType) -> Tensor:
+        """log sigma_t^2 of the DDPM reverse step p(x_{t-1} | x_t), (T,).
+
+        "fixed_small": log beta-tilde_t, clipped at t=0 (``posterior_log_variance_clipped``); "fixed_large": log
+        beta_t with beta_0 replaced by beta-tilde_1, as improved-diffusion does (a better log-likelihood at t=0).
+        The entry for t=0 is never used: no noise is added on the last step.
+        """
+        if variance == "fixed_small":
+            return self.posterior_log_variance_clipped
+        if variance == "fixed_large":
+            return torch.cat([self.posterior_variance[1:2], self.betas[1:]]).log()
+        raise ValueError(f"unknown variance {variance!r}; choose one of: {', '.join(get_args(VarianceType))}")
 
     # -- forward process ------------------------------------------------------------------------------------
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:

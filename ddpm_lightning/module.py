@@ -7,20 +7,21 @@ guidance, logs, and builds the optimizer and the learning-rate schedule chosen i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ddpm_lightning.checkpointing import rng_states, set_rng_states
 from ddpm_lightning.diffusion import GaussianDiffusion, PredictionType
 from ddpm_lightning.nn import UNet
-from ddpm_lightning.samplers import Generators, guided_denoise_fn, sample
+from ddpm_lightning.samplers import Generators, guided_denoise_fn
+from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, sample
 from ddpm_lightning.schedules import ScheduleName, make_betas
 
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -28,23 +29,6 @@ SCHEDULER_INTERVALS = ("epoch", "step")
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; raised before the optimizer step, so no checkpoint holds its update."""
-
-
-class SharedFactory:
-    """An optimizer / scheduler factory that copies of the module share instead of copying.
-
-    The EMA callback deep-copies the module (``AveragedModel``). LightningCLI's factories reference the CLI, and
-    through it the DDP launcher's child processes, which cannot be copied; the copy never builds an optimizer.
-    """
-
-    def __init__(self, factory: Callable[..., Any]) -> None:
-        self.factory = factory
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.factory(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SharedFactory:
-        return self
 
 
 class DiffusionModule(L.LightningModule):
@@ -78,7 +62,12 @@ class DiffusionModule(L.LightningModule):
         torch_compile: compile the network with ``torch.compile`` when ``fit`` starts (the first steps pay for the
             compilation). Checkpoints are the same either way; the EMA copy and sampling outside ``fit`` stay eager.
             Its measured effect is in ``benchmarks/ABLATIONS.md``.
+        sampling: how :meth:`sample` draws by default (YAML ``model.sampling``; ``ddpm sample --config`` reads it).
     """
+
+    #: attributes the EMA callback leaves out of its copy of the module: the copy never builds an optimizer, and
+    #: LightningCLI's factories reference the CLI (and through it the DDP launcher's processes), which cannot be copied
+    not_averaged = ("optimizer_factory", "lr_scheduler_factory")
 
     def __init__(
         self,
@@ -106,6 +95,7 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 0,
         channels_last: bool = False,
         torch_compile: bool = False,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
     ) -> None:
         super().__init__()
         if conditional and num_classes < 1:
@@ -119,7 +109,9 @@ class DiffusionModule(L.LightningModule):
             )
         if val_timesteps < 1 or warmup_steps < 0:
             raise ValueError("val_timesteps must be >= 1 and warmup_steps >= 0")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.sampling = SamplingConfig.of(sampling)  # a checkpoint's hyperparameters hold it as a plain dict
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "sampling"])
+        self.hparams["sampling"] = self.sampling.to_dict()  # plain values: loadable with weights_only=True
         self.net = UNet(
             in_channels=in_channels,
             image_size=image_size,
@@ -136,10 +128,8 @@ class DiffusionModule(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         betas = make_betas(schedule, num_timesteps, **(schedule_params or {}))
         self.diffusion = GaussianDiffusion(betas, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
-        self.optimizer_factory = SharedFactory(optimizer)
-        self.lr_scheduler_factory = SharedFactory(lr_scheduler) if lr_scheduler is not None else None
-        self._rng_states_to_restore: dict[str, Tensor] | None = None  # from a checkpoint, set at on_train_start
-        self._effective_batch_pending = False
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self._compiled = False  # the network is compiled once, by the first fit
 
     # -- conditioning ------------------------------------------------------------------------------------------
@@ -185,41 +175,12 @@ class DiffusionModule(L.LightningModule):
             "rate, keep gradient_clip_val, or use bf16-mixed / 32-true rather than 16-mixed)"
         )
 
-    # -- fit-level hooks: compilation, effective batch size, exact resume ----------------------------------------
+    # -- compilation -------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         # here, not in configure_model: the EMA callback has copied the module in its setup, so the copy stays eager
         if self.hparams.torch_compile and not self._compiled:
             self.net.compile()  # in place: parameter names, and so checkpoints, do not change
             self._compiled = True
-
-    def on_train_start(self) -> None:
-        if self._rng_states_to_restore is not None and self.trainer.ckpt_path:
-            # here, after the sanity check and the loaders' set-up, right before the first resumed step: t, noise
-            # and dropout masks continue as in the uninterrupted run
-            set_rng_states(self._rng_states_to_restore, self.device)
-        self._rng_states_to_restore = None
-        self._effective_batch_pending = True
-
-    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        if self._effective_batch_pending:
-            self._effective_batch_pending = False
-            self._log_effective_batch_size(batch[0].shape[0])
-
-    def _log_effective_batch_size(self, per_device: int) -> None:
-        """Log per-device batch x accumulation x devices once per fit (direct to the loggers: not every step logs)."""
-        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
-        effective = per_device * accumulate * world
-        rank_zero_info(
-            f"effective batch size {effective} = {per_device} per device x {accumulate} accumulated x {world} devices"
-        )
-        for logger in self.loggers:
-            logger.log_metrics({"train/effective_batch_size": effective}, step=self.global_step)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = rng_states(self.device)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def _fixed_grid_loss(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Mean loss over ``val_timesteps`` evenly spaced t, with noise seeded by the batch index (smooth curve)."""
@@ -304,24 +265,22 @@ class DiffusionModule(L.LightningModule):
         self,
         num_samples: int,
         labels: Tensor | Sequence[int] | None = None,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        num_steps: int = 50,
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
-        variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
-        clip_x0: bool = True,
+        sampling: SamplingConfig | Mapping[str, Any] | None = None,
+        *,
         generator: Generators = None,
+        x_T: Tensor | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        **changes: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W), with the weights currently in the module.
 
-        ``labels`` (N,) selects classes on a conditional model (None: unconditional / null class);
-        ``guidance_scale`` w gives ``uncond + w (cond - uncond)`` (1: plain conditional). ``sampler="ddpm"`` runs
-        all T ancestral steps (``variance`` chooses sigma_t^2 = beta-tilde or beta); ``"ddim"`` runs ``num_steps``
-        steps with stochasticity ``eta``. With ``return_trajectory`` also returns x_t for every step,
-        (steps + 1, N, C, H, W), from pure noise to the sample.
+        ``sampling`` says how (default: this module's ``sampling``); keyword ``changes`` override its fields, e.g.
+        ``model.sample(16, num_steps=10)``. ``labels`` (N,) selects classes on a conditional model (None:
+        unconditional / null class); ``guidance_scale`` w gives ``uncond + w (cond - uncond)``. With
+        ``return_trajectory`` also returns x_t for every step, (steps + 1, N, C, H, W), from pure noise to the sample.
         """
+        config = SamplingConfig.of(sampling if sampling is not None else self.sampling, **changes)
         hp = self.hparams
         y = None
         if labels is not None:
@@ -331,21 +290,52 @@ class DiffusionModule(L.LightningModule):
             if y.shape != (num_samples,):
                 raise ValueError(f"labels must have shape ({num_samples},), got {tuple(y.shape)}")
         if self.conditional:
-            denoise = guided_denoise_fn(self.net, y, guidance_scale, self.net.null_label)
+            denoise = guided_denoise_fn(self.net, y, config.guidance_scale, self.net.null_label)
         else:
             denoise = self._denoise_fn(None)
         shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)
-        kwargs: dict[str, Any] = {"variance": variance} if sampler == "ddpm" else {"num_steps": num_steps, "eta": eta}
         with self._eval_mode():
             return sample(
                 denoise,
                 self.diffusion,
                 shape,
-                sampler=sampler,
+                config,
                 generator=generator,
                 device=self.device,
-                clip_x0=clip_x0,
+                x_T=x_T,
                 return_trajectory=return_trajectory,
                 progress=progress,
-                **kwargs,
             )
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> DiffusionModule:
+        """The module of a checkpoint written by ``ddpm fit`` (its ``state_dict`` holds the EMA weights), loaded with
+        ``weights_only=True``, in eval mode on ``device`` (``auto``: cuda if available, else cpu).
+
+        A missing, truncated, corrupt, unsafe or non-DDPM file is a one-line error naming it.
+        """
+        from ddpm_lightning.checkpointing import checkpoint_load_error
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        device = resolve_device(device)
+        try:
+            model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            known = checkpoint_load_error(path, err)  # truncated, corrupt or unsafe: one line naming the file
+            if known is None and not isinstance(err, (TypeError, KeyError)):  # TypeError/KeyError: not a DDPM file
+                raise
+            raise (known or ValueError(f"cannot load checkpoint {str(path)!r}: {err}")) from None
+        return model.to(device).eval()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else cpu; anything else as a torch.device (a bad name is a one-line error)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {str(device)!r}: {str(err).splitlines()[0]}") from None

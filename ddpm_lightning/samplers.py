@@ -11,22 +11,15 @@ and the step taken from t=0 lands on clean data (no noise is added there).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_lightning.diffusion import GaussianDiffusion, extract
-
-SAMPLERS = ("ddpm", "ddim")  # the names the CLI, callbacks, metrics and demo accept
+from ddpm_lightning.diffusion import GaussianDiffusion, VarianceType, extract
 
 #: (x_t (B, C, H, W), t (B,) long) -> raw model output (B, C, H, W) in diffusion.prediction_type
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
-#: sigma_t^2 of the DDPM reverse step (Ho et al. 2020 Sec. 3.2): "fixed_small" = posterior variance
-#: beta-tilde_t (optimal for deterministic x_0), "fixed_large" = beta_t (optimal for x_0 ~ N(0, I))
-VarianceType = Literal["fixed_small", "fixed_large"]
-SamplerName = Literal["ddpm", "ddim"]
 
 SampleOutput = Tensor | tuple[Tensor, Tensor]
 #: one generator for the whole batch, or one per sample: then sample i's noise depends on its own generator only,
@@ -45,10 +38,6 @@ def randn(
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
-def _choice_error(what: str, value: object, allowed: tuple) -> ValueError:
-    return ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-
-
 def _initial_noise(
     shape: Sequence[int],
     x_T: Tensor | None,
@@ -65,20 +54,6 @@ def _initial_noise(
 
 def _finish(x: Tensor, trajectory: list[Tensor] | None) -> SampleOutput:
     return x if trajectory is None else (x, torch.stack(trajectory))
-
-
-def ddpm_log_variance(diffusion: GaussianDiffusion, variance: VarianceType) -> Tensor:
-    """log sigma_t^2 of the DDPM reverse step, (T,).
-
-    "fixed_small": log beta-tilde_t, clipped at t=0 (``posterior_log_variance_clipped``); "fixed_large": log
-    beta_t with beta_0 replaced by beta-tilde_1, as improved-diffusion does (a better log-likelihood at t=0).
-    The entry for t=0 is never used: no noise is added on the last step.
-    """
-    if variance == "fixed_small":
-        return diffusion.posterior_log_variance_clipped
-    if variance == "fixed_large":
-        return torch.cat([diffusion.posterior_variance[1:2], diffusion.betas[1:]]).log()
-    raise _choice_error("variance", variance, get_args(VarianceType))
 
 
 def ddpm_sample(
@@ -114,7 +89,7 @@ def ddpm_sample(
     Returns:
         samples (B, C, H, W), or (samples, trajectory), trajectory (T + 1, B, C, H, W) from x_T to samples.
     """
-    log_variance_table = ddpm_log_variance(diffusion, variance)
+    log_variance_table = diffusion.reverse_log_variance(variance)
     if device is None:
         device = x_T.device if x_T is not None else diffusion.betas.device
     with torch.inference_mode():
@@ -209,21 +184,6 @@ def ddim_sample(
             if trajectory is not None:
                 trajectory.append(x)
         return _finish(x, trajectory)
-
-
-def sample(
-    denoise_fn: DenoiseFn,
-    diffusion: GaussianDiffusion,
-    shape: Sequence[int],
-    *,
-    sampler: SamplerName = "ddpm",
-    **kwargs,
-) -> SampleOutput:
-    """Dispatch to :func:`ddpm_sample` or :func:`ddim_sample` by name; ``kwargs`` go to that sampler."""
-    samplers = {"ddpm": ddpm_sample, "ddim": ddim_sample}
-    if sampler not in samplers:
-        raise _choice_error("sampler", sampler, get_args(SamplerName))
-    return samplers[sampler](denoise_fn, diffusion, shape, **kwargs)
 
 
 def guided_denoise_fn(

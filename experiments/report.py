@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from experiments.run import _digest, checkpoints, floor_key, result_path, run_specs, sample_grid
+from experiments.evaluation import sample_grid
+from experiments.study import checkpoints, digest, floor_key, result_path, run_specs
 
 METRICS = (("fid_classifier", "FID (classifier)", "lower"), ("cond_acc", "cond. accuracy", "higher"))
 
@@ -245,7 +246,7 @@ def _noise_lines(ev_name: str, per_variant) -> list[str]:
 def _floor_lines(study, runs_dir: Path) -> list[str]:
     floors = []
     for ev in study["evaluations"].values():
-        path = runs_dir / "floors" / f"{_digest(floor_key(study, ev))}.json"
+        path = runs_dir / "floors" / f"{digest(floor_key(study, ev))}.json"
         if path.is_file():
             f = json.loads(path.read_text())
             floors.append(f"N={f['num']}: FID {f['fid_classifier']:.1f}")

@@ -15,7 +15,6 @@ from ddpm_lightning.classifier import (
     load_test_split,
     random_shift,
 )
-from ddpm_lightning.classifier import main as classifier_main
 from ddpm_lightning.cli import build_classifier_cli, main
 
 #: the issue's targets on the real 10k test sets
@@ -128,7 +127,16 @@ def test_export_round_trip(shared_data, tmp_path, monkeypatch, capsys):
     build_classifier_cli(args)
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     out = tmp_path / "exported" / "mnist.pt"
-    classifier_main(["export", str(ckpt), str(out), "--dataset=mnist", f"--data-root={shared_data}"])
+    main(
+        [
+            "classifier",
+            "export",
+            f"--checkpoint={ckpt}",
+            f"--out={out}",
+            "--dataset=mnist",
+            f"--data_root={shared_data}",
+        ]
+    )
     assert "test accuracy" in capsys.readouterr().out
 
     from_ckpt, from_asset = load_classifier(str(ckpt)), load_classifier(str(out))

@@ -104,7 +104,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt) -> DiffusionModule:
-    return demo.load_model(tiny_ckpt)
+    return DiffusionModule.from_checkpoint(tiny_ckpt, "cpu")
 
 
 def _free_port() -> int:
@@ -157,7 +157,7 @@ def _expected_grid(model: DiffusionModule, seed: int, **settings) -> np.ndarray:
         ({"guidance_scale": -1.0}, "guidance scale must be in [0, 10]"),
         ({"seed": -1}, "seed must be an integer"),
         ({"seed": None}, "seed must be an integer"),
-        ({"sampler": "euler"}, "unknown sampler 'euler'; choose one of: ddpm, ddim"),
+        ({"sampler": "bogus"}, "unknown sampler 'bogus'; choose one of: ddpm, ddim"),
     ],
 )
 def test_absurd_requests_are_refused_with_a_message(model, change, needle):
@@ -357,7 +357,7 @@ def test_browser_generates_and_same_seed_gives_same_image(server, model, tmp_pat
 @pytest.mark.skipif(not os.environ.get("DDPM_DEMO_SCREENSHOT"), reason="set DDPM_DEMO_SCREENSHOT=docs/demo.png")
 def test_screenshot_for_docs(tiny_ckpt, tmp_path):
     """Re-take the README's screenshot: DDPM_DEMO_CKPT (default: the tiny test model) after one generation."""
-    model = demo.load_model(os.environ.get("DDPM_DEMO_CKPT") or tiny_ckpt)
+    model = DiffusionModule.from_checkpoint(os.environ.get("DDPM_DEMO_CKPT") or tiny_ckpt, "cpu")
     app, url = _start(model, tmp_path, max_batch=64)
     pw, context, _ = _browser(tmp_path)
     try:

@@ -36,7 +36,7 @@ def tiny_checkpoint(shared_data, tmp_path_factory):
 def _test_args(shared_data, ckpt, cache, extra=()) -> list[str]:
     args = ["test", f"--config={CONFIG}", f"--ckpt_path={ckpt}", *_data_args(shared_data), *TINY_MODEL_ARGS]
     args += ["--model.num_timesteps=100", "--trainer.limit_test_batches=1", "--trainer.logger=false"]
-    args += ["--metrics.num_samples=40", "--metrics.num_steps=5", "--metrics.batch_size=16"]
+    args += ["--metrics.num_samples=40", "--metrics.sampling.num_steps=5", "--metrics.batch_size=16"]
     args += ["--metrics.reference_num=200", f"--metrics.cache_dir={cache}", *extra]
     return args
 
@@ -101,14 +101,14 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
 
 def test_fid_real_vs_real_is_small_and_real_vs_noise_large(shared_data, tmp_path):
     from ddpm_lightning.data import MNISTDataModule
-    from ddpm_lightning.metrics.evaluate import extract, real_images, reference_stats
+    from ddpm_lightning.metrics.evaluate import extract, reference_stats
     from ddpm_lightning.metrics.extractors import ClassifierExtractor
     from ddpm_lightning.metrics.stats import FeatureStats, fid
 
     dm = MNISTDataModule(root=str(shared_data), download=False)
     ex = ClassifierExtractor("mnist")
     ref, _, _ = reference_stats(dm, "test", 2000, ex, tmp_path)
-    other_real = FeatureStats.from_features(extract(ex, real_images(dm, "train", 2000, seed=1))[0])
+    other_real = FeatureStats.from_features(extract(ex, dm.real_images("train", 2000, seed=1)[0])[0])
     noise = torch.randint(0, 256, (2000, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     noise_stats = FeatureStats.from_features(extract(ex, noise)[0])
     real_real, real_noise = fid(other_real, ref), fid(noise_stats, ref)
@@ -169,7 +169,7 @@ def test_sweep_command_table_json_and_plot(tiny_checkpoint, shared_data, tmp_pat
 def test_inception_fid_offline_with_prepared_weights(shared_data, tmp_path):
     """torch-fidelity's Inception-v3 from the weights ../shared/tools/inception_weights.py prepares (no hub access)."""
     from ddpm_lightning.data import MNISTDataModule
-    from ddpm_lightning.metrics.evaluate import extract, real_images
+    from ddpm_lightning.metrics.evaluate import extract
     from ddpm_lightning.metrics.extractors import INCEPTION_FILE, InceptionExtractor
     from ddpm_lightning.metrics.stats import FeatureStats, fid
 
@@ -178,7 +178,7 @@ def test_inception_fid_offline_with_prepared_weights(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ex = InceptionExtractor(tmp_path / INCEPTION_FILE)
     dm = MNISTDataModule(root=str(shared_data), download=False)
-    a, b = real_images(dm, "test", 12, seed=0), real_images(dm, "train", 12, seed=1)
+    a, b = dm.real_images("test", 12, seed=0)[0], dm.real_images("train", 12, seed=1)[0]
     noise = torch.randint(0, 256, (12, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     fa, logits = extract(ex, a, batch_size=12)
     assert fa.shape == (12, 2048) and logits.shape == (12, 1008)

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ is a top-level folder, not part of the installed package
 
 from experiments import run  # noqa: E402
+from experiments import study as study_files  # noqa: E402
 
 TINY_CONFIG = {
     "seed_everything": 0,
@@ -85,8 +86,8 @@ def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_da
     study_path = _study(tmp_path)
     assert _main(study_path, tmp_path, shared_data) == 0
 
-    study = run.load_study(study_path)
-    specs = run.run_specs(study)
+    study = study_files.load_study(study_path)
+    specs = study_files.run_specs(study)
     assert len({s["id"] for s in specs}) == 2  # the two variants are two runs
     for spec in specs:
         run_dir = tmp_path / "runs" / spec["id"]
@@ -94,10 +95,10 @@ def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_da
         assert record["global_step"] == 4 and record["attempts"] == 1
         assert [step for step, _ in record["checkpoints"]] == [2, 4]
         for step in (2, 4):
-            res = json.loads(run.result_path(run_dir, step, study["evaluations"]["curve"]).read_text())
+            res = json.loads(study_files.result_path(run_dir, step, study["evaluations"]["curve"]).read_text())
             assert res["step"] == step and 0.0 <= res["cond_acc"] <= 1.0 and res["fid_classifier"] > 0
-        raw = json.loads(run.result_path(run_dir, 4, study["evaluations"]["raw"]).read_text())
-        ema = json.loads(run.result_path(run_dir, 4, study["evaluations"]["curve"]).read_text())
+        raw = json.loads(study_files.result_path(run_dir, 4, study["evaluations"]["raw"]).read_text())
+        ema = json.loads(study_files.result_path(run_dir, 4, study["evaluations"]["curve"]).read_text())
         assert raw["fid_classifier"] != ema["fid_classifier"]  # raw weights differ from the EMA after 4 steps
 
     report = (tmp_path / "out" / "REPORT.md").read_text()
@@ -166,10 +167,12 @@ def test_unknown_study_name_lists_the_studies(capsys):
 
 
 def test_shipped_studies_are_valid_and_share_the_baseline_run():
-    studies = {s["name"]: s for s in run.find_studies([])}
+    studies = {s["name"]: s for s in study_files.find_studies([])}
     assert {"schedules", "schedules_fashion", "timesteps", "conditional", "guidance", "ema", "sampling"} <= set(studies)
     assert "quality_bar" in studies
-    ids = {name: {(s["variant"], s["seed"]): s["id"] for s in run.run_specs(st)} for name, st in studies.items()}
+    ids = {
+        name: {(s["variant"], s["seed"]): s["id"] for s in study_files.run_specs(st)} for name, st in studies.items()
+    }
     baseline = ids["schedules"][("linear", 0)]
     # the studies that read the conditional linear T=1000 model train it once
     assert ids["timesteps"][("T=1000", 0)] == baseline
@@ -181,8 +184,8 @@ def test_shipped_studies_are_valid_and_share_the_baseline_run():
 
 
 def test_fit_command_passes_budget_seed_data_and_checkpointing(tmp_path):
-    study = run.load_study(REPO / "experiments" / "studies" / "timesteps.yaml")
-    spec = next(s for s in run.run_specs(study) if s["variant"] == "T=10" and s["seed"] == 1)
+    study = study_files.load_study(REPO / "experiments" / "studies" / "timesteps.yaml")
+    spec = next(s for s in study_files.run_specs(study) if s["variant"] == "T=10" and s["seed"] == 1)
     cmd = run.fit_command(spec["train"], tmp_path, "/data")
     text = " ".join(cmd)
     assert "--model.num_timesteps 10" in text and "--seed_everything 1" in text

@@ -12,8 +12,8 @@ from ddpm_lightning.samplers import (
     ddim_timesteps,
     ddpm_sample,
     guided_denoise_fn,
-    sample,
 )
+from ddpm_lightning.sampling import sample
 from ddpm_lightning.schedules import make_betas
 
 T = 50
@@ -234,8 +234,8 @@ def test_ddim_timesteps() -> None:
 def test_invalid_choices() -> None:
     d = _diffusion()
     denoise = _gaussian_oracle(d, 0, 1)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of: ddpm, ddim"):
-        sample(denoise, d, SHAPE, sampler="euler")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown sampler 'bogus'; choose one of: ddpm, ddim"):
+        sample(denoise, d, SHAPE, sampler="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown variance 'learned'; choose one of: fixed_small, fixed_large"):
         ddpm_sample(denoise, d, SHAPE, variance="learned")  # type: ignore[arg-type]
     for bad in (0, T + 1, 2.5):

@@ -56,6 +56,17 @@ class EMA(WeightAveraging):
         super().__init__(use_buffers=True, multi_avg_fn=self._multi_avg)
         self._swapped_in = False
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Lightning's set-up (it deep-copies the module into an AveragedModel), leaving out of the copy the
+        attributes the module names in ``not_averaged`` (e.g. optimizer factories, which the copy never uses and
+        which may hold references that cannot be copied)."""
+        names = [n for n in getattr(pl_module, "not_averaged", ()) if n in pl_module.__dict__]
+        held = {n: pl_module.__dict__.pop(n) for n in names}
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            pl_module.__dict__.update(held)
+
     def _multi_avg(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         d = ema_decay(self.decay, int(num_averaged), self.warmup)
         float_avg = [a for a in averaged if a.is_floating_point()]

@@ -8,7 +8,6 @@ only: a grid is a small, fixed cost.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -16,10 +15,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
 
 from ddpm_lightning.callbacks.ema import ema_weights
-from ddpm_lightning.samplers import SAMPLERS
+from ddpm_lightning.images import grid, save_png, trajectory_grid
+from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -39,18 +38,6 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
-def trajectory_strip(trajectory: Tensor, num_images: int, num_frames: int) -> Tensor:
-    """Pick ``num_frames`` evenly spaced steps of the first ``num_images`` trajectories.
-
-    trajectory: (S + 1, N, C, H, W) from x_T to x_0. Returns (num_images * num_frames, C, H, W), row-major: one row
-    per image, noise on the left, the sample on the right.
-    """
-    steps = trajectory.shape[0]
-    idx = torch.linspace(0, steps - 1, min(num_frames, steps)).round().long()
-    frames = trajectory[idx, :num_images]  # (F, n, C, H, W)
-    return frames.transpose(0, 1).reshape(-1, *trajectory.shape[2:])
-
-
 class SampleGrid(Callback):
     """Every ``every_n_epochs`` epochs, sample a grid (one row per class when conditional) and a trajectory strip.
 
@@ -58,10 +45,7 @@ class SampleGrid(Callback):
         every_n_epochs: sampling period in epochs (the grid is also drawn after the last epoch).
         num_samples: images in the grid of an unconditional model.
         samples_per_class: images per row (one row per class) of a conditional model.
-        sampler: ``ddpm`` (all T steps) or ``ddim``.
-        num_steps: DDIM steps.
-        eta: DDIM stochasticity.
-        guidance_scale: classifier-free guidance scale for conditional models.
+        sampling: how to sample (sampler, steps, guidance, ...: :class:`~ddpm_lightning.sampling.SamplingConfig`).
         seed: seed of the sampling noise; fixed so grids are comparable across epochs.
         trajectory_images: rows of the denoising-trajectory strip (0 disables it).
         trajectory_frames: columns (steps shown) of the strip.
@@ -73,26 +57,18 @@ class SampleGrid(Callback):
         every_n_epochs: int = 1,
         num_samples: int = 64,
         samples_per_class: int = 8,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        num_steps: int = 50,
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
         seed: int = 0,
         trajectory_images: int = 4,
         trajectory_frames: int = 10,
         save_png: bool = True,
     ) -> None:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if every_n_epochs < 1 or num_samples < 1 or samples_per_class < 1:
             raise ValueError("every_n_epochs, num_samples and samples_per_class must be >= 1")
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.samples_per_class = samples_per_class
-        self.sampler = sampler
-        self.num_steps = num_steps
-        self.eta = eta
-        self.guidance_scale = guidance_scale
+        self.sampling = SamplingConfig.of(sampling)
         self.seed = seed
         self.trajectory_images = trajectory_images
         self.trajectory_frames = trajectory_frames
@@ -123,42 +99,31 @@ class SampleGrid(Callback):
         want_trajectory = self.trajectory_images > 0
         with ema_weights(trainer, pl_module):
             out = pl_module.sample(
-                n,
-                labels=labels,
-                sampler=self.sampler,
-                num_steps=self.num_steps,
-                eta=self.eta,
-                guidance_scale=self.guidance_scale,
-                generator=gen,
-                return_trajectory=want_trajectory,
+                n, labels=labels, sampling=self.sampling, generator=gen, return_trajectory=want_trajectory
             )
         images, trajectory = out if want_trajectory else (out, None)
-        grid = make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)
-        self._emit(trainer, "samples/grid", grid, f"epoch={trainer.current_epoch:03d}.png")
+        self._emit(trainer, "samples/grid", grid(images, nrow), f"epoch={trainer.current_epoch:03d}.png")
         if trajectory is not None:
-            k = min(self.trajectory_images, n)
-            strip = trajectory_strip(trajectory.float().cpu(), k, self.trajectory_frames)
-            frames = strip.shape[0] // k
-            tgrid = make_grid((strip + 1) / 2, nrow=frames, padding=2, pad_value=1.0).clamp(0, 1)
-            self._emit(trainer, "samples/trajectory", tgrid, f"trajectory_epoch={trainer.current_epoch:03d}.png")
+            strip = trajectory_grid(trajectory, self.trajectory_images, self.trajectory_frames)
+            self._emit(trainer, "samples/trajectory", strip, f"trajectory_epoch={trainer.current_epoch:03d}.png")
 
-    def _emit(self, trainer: L.Trainer, tag: str, grid: Tensor, filename: str) -> None:
-        """Send a (3, H, W) image in [0, 1] to every logger that takes images, and save it as PNG.
+    def _emit(self, trainer: L.Trainer, tag: str, image: Tensor, filename: str) -> None:
+        """Send a (3, H, W) uint8 image to every logger that takes images, and save it as PNG.
 
         TensorBoard gets ``add_image``, W&B ``log_image`` (stored in its run folder); CSV holds no images, so with a
         CSV logger the PNG in the run folder is written even when ``save_png`` is off: it is that logger's image.
         """
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=tag, images=[grid], step=trainer.global_step)
+                logger.log_image(key=tag, images=[image], step=trainer.global_step)
                 continue
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
-                experiment.add_image(tag, grid, global_step=trainer.global_step)
+                experiment.add_image(tag, image, global_step=trainer.global_step)
         if self.save_png or any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
             out = run_dir(trainer) / "samples"
             out.mkdir(parents=True, exist_ok=True)
             path = out / filename
-            save_image(grid, path)
+            save_png(image, path)
             if tag == "samples/grid":
                 self.last_grid_path = path

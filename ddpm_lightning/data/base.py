@@ -25,6 +25,10 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from ddpm_lightning.images import to_model_range, to_uint8
+
+SPLITS = ("train", "test")  # the official splits every dataset has (a folder's "test" is its held-out images)
+
 
 class EpochShuffleSampler(DistributedSampler):
     """This rank's shard of a permutation seeded by (seed, epoch), able to start mid-epoch.
@@ -78,16 +82,6 @@ class ResumableLoader(DataLoader):
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is missing on disk and could not be downloaded; the message says where to put the files."""
-
-
-def to_model_range(images: Tensor) -> Tensor:
-    """uint8 images in [0, 255] -> float32 in [-1, 1] (the DDPM paper's data scaling, Ho et al. 2020 sec. 3.3)."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Float images in [-1, 1] -> uint8 in [0, 255] (values outside are clipped)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class ImageDataModule(LightningDataModule):
@@ -236,12 +230,31 @@ class ImageDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """uint8 -> [-1, 1], resize, and random flips (training only), batch-wise on the step's device."""
-        images, labels = batch  # (B, C, H, W) uint8, (B,) int64
+    # -- real images, as the model sees them ----------------------------------------------------------------------
+    def to_model_input(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H', W') -> float in [-1, 1] at ``image_size`` (bilinear, antialiased), on images' device."""
         images = to_model_range(images)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return images
+
+    def real_images(self, split: str, num: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """``num`` images (all when None; a subset seeded by ``seed`` otherwise) of the official ``train`` or
+        ``test`` split as uint8 (n, C, image_size, image_size), processed as the model sees them, and their labels."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        dataset = self._load(train=split == "train")
+        n = len(dataset) if num is None else min(num, len(dataset))
+        idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        items = [dataset[i] for i in idx]
+        images = torch.stack([image for image, _ in items])  # (n, C, H', W') uint8
+        labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
+        return to_uint8(self.to_model_input(images)), labels
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """uint8 -> [-1, 1], resize, and random flips (training only), batch-wise on the step's device."""
+        images, labels = batch  # (B, C, H, W) uint8, (B,) int64
+        images = self.to_model_input(images)
         if self.hflip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(images.shape[0], device=images.device) < 0.5  # (B,)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)

@@ -19,8 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_lightning.data.base import ImageDataModule, to_uint8
+from ddpm_lightning.data.base import ImageDataModule
+from ddpm_lightning.images import to_uint8
 from ddpm_lightning.metrics.stats import FeatureStats
+from ddpm_lightning.sampling import SamplingConfig
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
@@ -41,16 +43,17 @@ def generate(
     model: Any,
     indices: Sequence[int],
     *,
+    sampling: SamplingConfig | None = None,
     seed: int = 0,
     batch_size: int = 250,
-    sampler: str = "ddim",
-    num_steps: int = 50,
-    eta: float = 0.0,
-    guidance_scale: float = 1.0,
     labels: Sequence[int] | None = None,
     progress: bool = False,
+    **changes: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """uint8 samples (n, C, H, W) for the given sample indices, and their requested labels (n,) or None."""
+    """uint8 samples (n, C, H, W) for the given sample indices, and their requested labels (n,) or None.
+
+    ``sampling`` (default: the model's own) with the fields in ``changes`` overridden says how to sample."""
+    config = SamplingConfig.of(sampling if sampling is not None else model.sampling, **changes)
     if labels is None and model.conditional:
         labels_t = class_of(indices, model.hparams.num_classes)
     else:
@@ -61,15 +64,7 @@ def generate(
         idx = list(indices[start : start + batch_size])
         gens = [sample_generator(seed, i, model.device) for i in idx]
         y = labels_t[start : start + batch_size] if labels_t is not None else None
-        x = model.sample(
-            len(idx),
-            labels=y,
-            sampler=sampler,
-            num_steps=num_steps,
-            eta=eta,
-            guidance_scale=guidance_scale,
-            generator=gens,
-        )
+        x = model.sample(len(idx), labels=y, sampling=config, generator=gens)
         out.append(to_uint8(x).cpu())
     images = torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
     return images, labels_t
@@ -89,20 +84,6 @@ def extract(extractor: torch.nn.Module, images: Tensor, batch_size: int = 200) -
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ddpm_lightning" / "reference_stats"
-
-
-def real_images(datamodule: ImageDataModule, split: str, num: int, seed: int = 0) -> Tensor:
-    """``num`` uint8 images (a seeded subset) of the official ``train`` or ``test`` split, as the model sees them."""
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown reference split {split!r}; choose one of: train, test")
-    dataset = datamodule._load(train=split == "train")
-    n = min(num, len(dataset))
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    images = torch.stack([dataset[i][0] for i in idx])  # (n, C, H', W') uint8
-    labels = torch.zeros(n, dtype=torch.long)
-    # the DataModule's own conversion (range, resize), so reference and samples match in size and processing
-    x, _ = datamodule.on_after_batch_transfer((images, labels), 0)
-    return to_uint8(x)
 
 
 def reference_stats(
@@ -131,7 +112,7 @@ def reference_stats(
         if blob.get("key") == key:
             rank_zero_info(f"reference statistics reused from {path}")
             return FeatureStats.from_dict(blob["stats"]), blob.get("logits"), path
-    images = real_images(datamodule, split, num, seed)
+    images, _ = datamodule.real_images(split, num, seed)
     features, logits = extract(extractor, images)
     stats = FeatureStats.from_features(features)
     path.parent.mkdir(parents=True, exist_ok=True)

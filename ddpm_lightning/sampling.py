@@ -1,0 +1,164 @@
+"""The one sampling surface: :class:`SamplingConfig` (how to sample) and the registry of samplers (what can).
+
+Every place that samples (``DiffusionModule.sample``, the SampleGrid callback, the metrics, ``ddpm sample``,
+``ddpm sweep``, the demo, the experiments) takes one :class:`SamplingConfig`, read from YAML by jsonargparse
+(``model.sampling``, ``metrics.sampling``, SampleGrid's ``sampling``) and validated once, here.
+
+The samplers themselves are free functions of a ``denoise_fn`` and a :class:`GaussianDiffusion`
+(:mod:`ddpm_lightning.samplers`). Adding one is one function there and one line in :data:`SAMPLERS`: a runner
+that maps the config onto the function's arguments, and its count of network evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import torch
+from torch import Tensor
+
+from ddpm_lightning.diffusion import GaussianDiffusion, VarianceType
+from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, ddim_sample, ddpm_sample
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registry entry.
+
+    Attributes:
+        run: ``(denoise_fn, diffusion, shape, config, **common) -> samples`` where ``common`` holds generator,
+            device, x_T, return_trajectory and progress.
+        nfe: ``(config, num_timesteps) -> network evaluations per sample`` of one unguided run.
+        uses_steps: whether ``num_steps`` applies (DDPM always runs all T steps).
+    """
+
+    run: Callable[..., SampleOutput]
+    nfe: Callable[[SamplingConfig, int], int]
+    uses_steps: bool = True
+
+
+#: name -> sampler. The sampler names appear here and nowhere else in the package.
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(
+        lambda f, d, s, c, **kw: ddpm_sample(f, d, s, variance=c.variance, clip_x0=c.clip_x0, **kw),
+        nfe=lambda c, T: T,
+        uses_steps=False,
+    ),
+    "ddim": Sampler(
+        lambda f, d, shape, c, **kw: ddim_sample(
+            f, d, shape, num_steps=c.num_steps, eta=c.eta, clip_x0=c.clip_x0, **kw
+        ),
+        nfe=lambda c, T: c.num_steps,
+    ),
+}
+DEFAULT_SAMPLER = "ddim"
+
+
+def choice_error(what: str, value: object, allowed: Sequence[str]) -> ValueError:
+    """The project's error for a bad choice: it names the allowed values."""
+    return ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to draw samples. Validated on construction; ``replace`` returns a validated copy.
+
+    Args:
+        sampler: a name of :data:`SAMPLERS`.
+        num_steps: sampling steps (network evaluations for the first-order samplers); DDPM runs all T steps.
+        eta: DDIM stochasticity (0: deterministic DDIM; 1 with all T steps: DDPM with "fixed_small" variance).
+        guidance_scale: classifier-free guidance w >= 0 (Ho & Salimans 2022): 1 plain conditional, 0 unconditional;
+            ignored by unconditional models.
+        variance: sigma_t^2 of the DDPM reverse step, "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t).
+        clip_x0: clamp each predicted x_0 to the data range [-1, 1].
+    """
+
+    sampler: str = DEFAULT_SAMPLER
+    num_steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    variance: VarianceType = "fixed_small"
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise choice_error("sampler", self.sampler, list(SAMPLERS))
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(
+                f"guidance_scale must be >= 0 (1: conditional, 0: unconditional), got {self.guidance_scale}"
+            )
+        if self.variance not in get_args(VarianceType):
+            raise choice_error("variance", self.variance, get_args(VarianceType))
+
+    @classmethod
+    def of(cls, value: SamplingConfig | Mapping[str, Any] | None = None, **changes: Any) -> SamplingConfig:
+        """A config from a config, a mapping (a checkpoint's hyperparameters, YAML) or None (defaults), with
+        ``changes`` applied; an unknown key is a one-line error naming the known ones."""
+        base = dict(value) if isinstance(value, Mapping) else (value.to_dict() if value is not None else {})
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in [*base, *changes]:
+            if key not in fields:
+                raise ValueError(f"unknown sampling setting {key!r}; choose from: {', '.join(fields)}")
+        return cls(**{**base, **changes})
+
+    def replace(self, **changes: Any) -> SamplingConfig:
+        return SamplingConfig.of(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def spec(self) -> Sampler:
+        return SAMPLERS[self.sampler]
+
+    def steps(self, num_timesteps: int) -> int:
+        """Steps actually taken on a model with T = ``num_timesteps``."""
+        return self.num_steps if self.spec.uses_steps else num_timesteps
+
+    def guided(self, conditional: bool) -> bool:
+        """Whether a guided step evaluates the network on [cond; uncond] (w not in {0, 1})."""
+        return conditional and self.guidance_scale not in (0, 1)
+
+    def nfe(self, num_timesteps: int, conditional: bool = False) -> int:
+        """Network evaluations per sample: a guided step counts two (the conditional and unconditional halves of
+        the one batched forward pass are two evaluations of the network per sample)."""
+        return self.spec.nfe(self, num_timesteps) * (2 if self.guided(conditional) else 1)
+
+    def tag(self, conditional: bool = True) -> str:
+        """Short name for file names and tables, e.g. ``ddim50-w3``."""
+        steps = "" if not self.spec.uses_steps else str(self.num_steps)
+        eta = f"-eta{self.eta:g}" if self.eta else ""
+        return f"{self.sampler}{steps}{eta}" + (f"-w{self.guidance_scale:g}" if conditional else "")
+
+
+DEFAULT_SAMPLING = SamplingConfig()  # the neutral default of every `sampling` argument
+
+
+def sample(
+    denoise_fn: DenoiseFn,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    config: SamplingConfig | None = None,
+    *,
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    x_T: Tensor | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+    **changes: Any,
+) -> SampleOutput:
+    """Run the sampler ``config`` names (fields in ``changes`` override it), e.g.
+    ``sample(f, diffusion, (16, 1, 28, 28), SamplingConfig(sampler="ddim", num_steps=25))``.
+
+    Guidance is already inside ``denoise_fn`` (:func:`ddpm_lightning.samplers.guided_denoise_fn`), so
+    ``config.guidance_scale`` is not used here.
+    """
+    config = SamplingConfig.of(config, **changes)
+    common = dict(generator=generator, device=device, x_T=x_T, return_trajectory=return_trajectory, progress=progress)
+    return config.spec.run(denoise_fn, diffusion, shape, config, **common)

@@ -1,0 +1,106 @@
+"""Evaluation of the runs' checkpoints (cached per checkpoint and settings), the real-vs-real floors, sample grids."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from experiments.study import ROOT, checkpoints, digest, evaluator, floor_key, result_path
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
+def evaluate_run(spec: dict[str, Any], study: dict[str, Any], runs_dir: Path, data_root: str | None) -> None:
+    """Evaluate the run's checkpoints with every evaluation of the study; results cached per (checkpoint, settings)."""
+    from ddpm_lightning.cli import datamodule_from_recipe
+
+    run_dir = runs_dir / spec["id"]
+    ckpts = checkpoints(run_dir)
+    datamodule = None
+    for name, ev in study["evaluations"].items():
+        chosen = ckpts if ev["checkpoints"] == "all" else ckpts[-1:]
+        for step, path in chosen:
+            out = result_path(run_dir, step, ev)
+            if out.is_file():
+                continue
+            if datamodule is None:
+                datamodule = datamodule_from_recipe(ROOT / spec["train"]["base"][-1], data_root)
+            model = load_weights(path, ev["weights"])
+            res = evaluator(ev).evaluate(model, datamodule)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"step": step, "checkpoint": path.name, "settings": ev, **res}, indent=2))
+            print(f"[eval] {spec['id']} {spec['variant']} {name} step {step}: {_short(res)}", flush=True)
+
+
+def real_floor(study: dict[str, Any], ev: dict[str, Any], runs_dir: Path, data_root: str | None) -> dict[str, Any]:
+    """FID/KID of N real *training* images against the evaluation's reference: what a perfect model would score
+    with the same N (the finite-sample bias of FID). Cached in ``runs/floors/``."""
+    from ddpm_lightning.cli import datamodule_from_recipe
+    from ddpm_lightning.metrics.evaluate import extract
+    from ddpm_lightning.metrics.evaluator import kid_subset_size
+    from ddpm_lightning.metrics.stats import FeatureStats, fid, kid
+
+    key = floor_key(study, ev)
+    path = runs_dir / "floors" / f"{digest(key)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ev_ = evaluator(ev)
+    datamodule = datamodule_from_recipe(ROOT / study["base"][-1], data_root)
+    ref = ev_.reference("classifier", datamodule)
+    real, _ = datamodule.real_images("train", ev_.num_samples, seed=1)
+    feats, _ = extract(ev_.extractor("classifier", "cpu"), real)
+    k, _ = kid(feats, ref.features, subset_size=kid_subset_size(min(feats.shape[0], ref.num)))
+    floor = {**key, "fid_classifier": fid(FeatureStats.from_features(feats), ref), "kid_classifier": k}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(floor, indent=2))
+    return floor
+
+
+def load_weights(path: Path, weights: str):
+    """The checkpoint's module with its EMA weights (``state_dict``) or its raw training weights."""
+    import torch
+
+    from ddpm_lightning.module import DiffusionModule
+
+    model = DiffusionModule.from_checkpoint(path, "cpu")
+    if weights == "raw":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        raw = state.get("current_model_state")
+        if raw is None:
+            raise ValueError(f"{path} has no raw weights (trained without the EMA callback)")
+        model.load_state_dict(raw)
+    return model.eval()
+
+
+def _short(res: dict[str, float]) -> str:
+    keys = [k for k in res if k.startswith(("fid_", "cond_acc"))]
+    return "  ".join(f"{k}={res[k]:.4g}" for k in keys)
+
+
+def sample_grid(spec: dict[str, Any], study: dict[str, Any], runs_dir: Path, out: Path) -> Path | None:
+    """A grid of the run's last checkpoint (EMA weights; one row per class when conditional), cached as PNG."""
+    from ddpm_lightning.images import grid, save_png
+    from ddpm_lightning.metrics.evaluate import generate
+    from ddpm_lightning.sampling import SamplingConfig
+
+    run_dir = runs_dir / spec["id"]
+    ckpts = checkpoints(run_dir)
+    if not ckpts:
+        return None
+    g = {"num_samples": 80, "num_steps": 50, "guidance_scale": 1.0, "sampler": "ddim", **(study.get("grid") or {})}
+    png = run_dir / f"grid-step={ckpts[-1][0]:06d}-{digest(g)}.png"
+    if not png.is_file():
+        model = load_weights(ckpts[-1][1], "ema")
+        n = g.pop("num_samples")
+        k = model.hparams.num_classes if model.conditional else int(math.sqrt(n))
+        # column-major labels: row r holds class r when conditional
+        idx = list(range(n))
+        labels = [i // (n // k) for i in idx] if model.conditional else None
+        g["num_steps"] = min(g["num_steps"], model.diffusion.num_timesteps)
+        images, _ = generate(model, idx, sampling=SamplingConfig.of(g), labels=labels)
+        save_png(grid(images, nrow=n // k), png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, out)
+    return out

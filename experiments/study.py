@@ -1,0 +1,172 @@
+"""Study files and the on-disk layout of their runs: what to train (run specs and their ids), where checkpoints and
+evaluation results live. Shared by the runner (:mod:`experiments.run`), the evaluation (:mod:`experiments.evaluation`)
+and the report (:mod:`experiments.report`); it imports none of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES_DIR = ROOT / "experiments" / "studies"
+RUNS_DIR = ROOT / "experiments" / "runs"
+REPORT = ROOT / "experiments" / "REPORT.md"
+STUDY_KEYS = {"title", "question", "source", "base", "overrides", "budget", "checkpoint_every", "seeds", "variants"}
+STUDY_KEYS |= {"evaluations", "discussion", "grid", "sweep"}
+BUDGET_KEYS = ("max_steps", "max_time")
+EVAL_KEYS = {"checkpoints", "weights"}
+CHECKPOINT_CHOICES = ("all", "last")
+WEIGHT_CHOICES = ("ema", "raw")
+
+
+class StudyError(ValueError):
+    """A study file that cannot be run (unknown key, bad choice, missing config): one line naming the file."""
+
+
+# -- study files -------------------------------------------------------------------------------------------------
+def load_study(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a study YAML; ``name`` is the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study {str(path)!r} does not exist")
+    try:
+        study = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path.name}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(study, dict):
+        raise StudyError(f"{path.name}: a study is a mapping of keys ({', '.join(sorted(STUDY_KEYS))})")
+    unknown = set(study) - STUDY_KEYS
+    if unknown:
+        raise StudyError(f"{path.name}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(STUDY_KEYS))}")
+    for key in ("title", "base", "budget", "variants", "evaluations"):
+        if key not in study:
+            raise StudyError(f"{path.name}: missing key {key!r}")
+    study["name"] = path.stem
+    study["base"] = [study["base"]] if isinstance(study["base"], str) else list(study["base"])
+    for cfg in study["base"]:
+        if not (ROOT / cfg).is_file():
+            raise StudyError(f"{path.name}: base config {cfg!r} does not exist")
+    budget = study["budget"]
+    if not isinstance(budget, dict) or not budget or set(budget) - set(BUDGET_KEYS):
+        raise StudyError(f"{path.name}: budget must set one or both of: {', '.join(BUDGET_KEYS)}")
+    study.setdefault("overrides", {})
+    study.setdefault("seeds", [0])
+    study.setdefault("checkpoint_every", None)
+    study["variants"] = {str(k): dict(v or {}) for k, v in study["variants"].items()}
+    evals = study["evaluations"]
+    if not isinstance(evals, dict) or not evals:
+        raise StudyError(f"{path.name}: evaluations must map names to settings")
+
+    for name, ev in evals.items():
+        ev = evals[name] = dict(ev or {})
+        ev.setdefault("checkpoints", "last")
+        ev.setdefault("weights", "ema")
+        if ev["checkpoints"] not in CHECKPOINT_CHOICES:
+            raise StudyError(
+                f"{path.name}: evaluation {name!r}: unknown checkpoints {ev['checkpoints']!r}; choose one of: "
+                + ", ".join(CHECKPOINT_CHOICES)
+            )
+        if ev["weights"] not in WEIGHT_CHOICES:
+            raise StudyError(
+                f"{path.name}: evaluation {name!r}: unknown weights {ev['weights']!r}; choose one of: "
+                + ", ".join(WEIGHT_CHOICES)
+            )
+        try:
+            evaluator(ev)
+        except (TypeError, ValueError) as err:
+            raise StudyError(f"{path.name}: evaluation {name!r}: {err}") from None
+    return study
+
+
+def evaluator(ev: dict[str, Any]):
+    """The :class:`~ddpm_lightning.metrics.Evaluator` of a study's evaluation (its keys other than checkpoints and
+    weights: the sampling settings and the evaluator's own)."""
+    from ddpm_lightning.metrics import Evaluator
+    from ddpm_lightning.sampling import SamplingConfig
+
+    settings = {k: v for k, v in ev.items() if k not in EVAL_KEYS}
+    fields = set(SamplingConfig.__dataclass_fields__)
+    sampling = SamplingConfig.of({k: v for k, v in settings.items() if k in fields})
+    return Evaluator(sampling=sampling, **{k: v for k, v in settings.items() if k not in fields})
+
+
+def find_studies(names: Sequence[str]) -> list[dict[str, Any]]:
+    """Studies by name (a file of ``experiments/studies``) or by path to a YAML file; all of them when none given."""
+    known = {f.stem: f for f in sorted(STUDIES_DIR.glob("*.yaml"))}
+    paths = []
+    for n in names or list(known):
+        if n in known:
+            paths.append(known[n])
+        elif n.endswith((".yaml", ".yml")) and Path(n).is_file():
+            paths.append(Path(n))
+        else:
+            raise StudyError(f"unknown study {n!r}; choose from: {', '.join(known)} (or give a path to a YAML file)")
+    return [load_study(p) for p in paths]
+
+
+# -- runs --------------------------------------------------------------------------------------------------------
+def digest(obj: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def run_specs(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """One training spec per (variant, seed); its ``id`` is a digest of everything that decides the training."""
+    specs = []
+    for variant, overrides in study["variants"].items():
+        for seed in study["seeds"]:
+            train = {
+                "base": study["base"],
+                "overrides": {**study["overrides"], **overrides},
+                "budget": study["budget"],
+                "checkpoint_every": study["checkpoint_every"],
+                "seed": seed,
+            }
+            stem = Path(study["base"][0]).stem
+            specs.append({"variant": variant, "seed": seed, "train": train, "id": f"{stem}-{digest(train)}"})
+    return specs
+
+
+def config_digests(train: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 (12 hex digits) of each base config file: a finished run is reused only while they are unchanged."""
+    return {cfg: hashlib.sha256((ROOT / cfg).read_bytes()).hexdigest()[:12] for cfg in train["base"]}
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(global step, path) of a finished run's checkpoints, as ``train.json`` lists them (the files themselves are
+    not needed to rebuild the report, and are not committed)."""
+    record = json.loads((run_dir / "train.json").read_text())
+    return [(int(step), run_dir / "ckpts" / name) for step, name in record["checkpoints"]]
+
+
+def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """(global step, path) of the run's step checkpoints and its final ``last.ckpt``, one per step, by step."""
+    import torch
+
+    found: dict[int, Path] = {}
+    for path in sorted((run_dir / "ckpts").glob("step=*.ckpt")):
+        found[int(path.stem.split("=")[1])] = path
+    last = run_dir / "ckpts" / "last.ckpt"
+    if last.is_file():
+        step = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+        found.setdefault(step, last)
+    return sorted(found.items())
+
+
+def floor_key(study: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "config": study["base"][-1],
+        "num": ev.get("num_samples", 1000),
+        "classifier": ev.get("classifier", "mnist"),
+        "split": ev.get("reference_split", "test"),
+    }
+
+
+def result_path(run_dir: Path, step: int, ev: dict[str, Any]) -> Path:
+    return run_dir / "eval" / f"step={step:06d}-{digest(ev)}.json"
