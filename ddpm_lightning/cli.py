@@ -152,9 +152,9 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("DDPM_DEBUG"):
             raise
         msg = " ".join(line.strip() for line in str(err).strip().splitlines()) or type(err).__name__
-        print(f"ddpm: error: {msg}", file=sys.stderr)
         if isinstance(err, ArgumentError):
-            print("ddpm: see `ddpm --help` and `ddpm COMMAND --help` for the options", file=sys.stderr)
+            msg += f" (see `ddpm {argv[0]} --help`)"
+        print(f"ddpm: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 
