@@ -29,6 +29,7 @@ from ddpm_lightning.hub_card import model_card
 from ddpm_lightning.nn import UNet
 from ddpm_lightning.nn.diffusers_layout import (
     DIFFUSERS_VERSION,
+    WeightEntry,
     expected_shapes,
     first_config_mismatch,
     from_diffusers,
@@ -214,7 +215,7 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
 
 
-def _first_tensor_mismatch(net: UNet, weights: dict[str, Tensor], table: list) -> str | None:
+def _first_tensor_mismatch(net: UNet, weights: dict[str, Tensor], table: list[WeightEntry]) -> str | None:
     expected = expected_shapes(net, table)
     for name, shape in expected.items():
         if name not in weights:

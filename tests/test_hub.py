@@ -108,6 +108,29 @@ def test_exported_unet_gives_our_outputs(config, tmp_path, no_network):
     assert ("class_labels=" in card) == module.conditional and "## Recipe" in card
 
 
+def card_snippets(folder: Path) -> list[str]:
+    """The ```python blocks of an exported model card."""
+    card = (folder / "README.md").read_text()
+    return [block.split("```")[0] for block in card.split("```python\n")[1:]]
+
+
+def test_model_card_snippets_run(tmp_path, monkeypatch, no_network):
+    """The card's sampling code, as a user copies it (``"."`` is the folder): DDIM unconditional, guided conditional."""
+    uncond = export_diffusers(recipe_module("mnist", base_channels=16, num_groups=4), tmp_path / "uncond")
+    cond = export_diffusers(recipe_module("mnist_conditional", base_channels=16, num_groups=4), tmp_path / "cond")
+    ddpm, ddim = card_snippets(uncond)
+    (guided,) = card_snippets(cond)
+    assert "num_inference_steps=1000" in ddpm  # 1000 steps: DDPMPipeline itself runs in the subprocess test
+    for folder, code in ((uncond, ddim), (cond, guided)):
+        monkeypatch.chdir(folder)
+        scope: dict = {}
+        exec(code.replace("image.save(", "print("), scope)
+        if folder == cond:
+            assert scope["images"].shape == (4, 1, 28, 28) and torch.isfinite(scope["images"]).all()
+        else:
+            assert scope["image"].size == (28, 28)
+
+
 def test_options_diffusers_has_too(tmp_path):
     """The options that only exist for diffusers' layouts (its defaults: cos/sin order, no shift, head width)."""
     module = perturb_(
