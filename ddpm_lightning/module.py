@@ -43,6 +43,10 @@ class DiffusionModule(L.LightningModule):
         conditional: condition on class labels (with a null class for classifier-free guidance).
         base_channels, channel_mults, num_res_blocks, attention_resolutions, dropout, num_heads, num_groups: the
             U-Net's shape, see :class:`ddpm_lightning.nn.UNet`.
+        norm_eps, downsample_padding, time_freq_shift, time_flip_sin_to_cos, attention_head_dim: U-Net details in
+            which diffusers' UNet2DModel ports differ (defaults: the DDPM layout), see :class:`ddpm_lightning.nn.UNet`.
+        init_from: a diffusers UNet2DModel folder (or a pipeline folder with ``unet/``) whose safetensors weights
+            initialise the U-Net, after checking that its config and tensor shapes are this U-Net's.
         schedule: beta schedule name (linear, cosine, sigmoid, polynomial).
         num_timesteps: diffusion steps T (>= 2).
         schedule_params: extra parameters of the schedule (e.g. ``{s: 0.008}`` for cosine).
@@ -82,6 +86,12 @@ class DiffusionModule(L.LightningModule):
         dropout: float = 0.0,
         num_heads: int = 1,
         num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        downsample_padding: Literal["symmetric", "bottom_right"] = "symmetric",
+        time_freq_shift: int = 1,
+        time_flip_sin_to_cos: bool = False,
+        attention_head_dim: int | None = None,
+        init_from: str | None = None,
         schedule: ScheduleName = "linear",
         num_timesteps: int = 1000,
         schedule_params: dict[str, Any] | None = None,
@@ -123,6 +133,12 @@ class DiffusionModule(L.LightningModule):
             num_classes=num_classes if conditional else None,
             num_heads=num_heads,
             num_groups=num_groups,
+            norm_eps=norm_eps,
+            downsample_padding=downsample_padding,
+            time_freq_shift=time_freq_shift,
+            time_flip_sin_to_cos=time_flip_sin_to_cos,
+            attention_head_dim=attention_head_dim,
+            init_from=init_from,
         )
         if channels_last:
             self.net.to(memory_format=torch.channels_last)

@@ -15,7 +15,9 @@ ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 #: configs over datasets we have for real (MNIST, Fashion-MNIST); the others run on stand-ins in test_datasets.py
 #: (classifier_*.yaml belong to `ddpm classifier` and run in test_classifier.py)
 CLASSIFIER_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("classifier_")}
-CONFIGS = [c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS]
+#: finetune_*.yaml start from a diffusers folder (model.init_from) and run in test_hub.py
+FINETUNE_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("finetune_")}
+CONFIGS = [c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS]
 
 #: overrides that shrink any config's U-Net to a few thousand parameters for fast_dev_run on CPU
 TINY_MODEL_ARGS = [

@@ -104,7 +104,9 @@ def test_missing_dataset_and_unknown_key(tmp_path, monkeypatch, capsys):
 
 
 def test_every_config_is_exercised():
-    from conftest import ALL_CONFIGS, CLASSIFIER_CONFIGS, STANDIN_CONFIGS
+    from conftest import ALL_CONFIGS, CLASSIFIER_CONFIGS, FINETUNE_CONFIGS, STANDIN_CONFIGS
 
-    assert {c.stem for c in ALL_CONFIGS} == {c.stem for c in CONFIGS} | STANDIN_CONFIGS | CLASSIFIER_CONFIGS
+    exercised = {c.stem for c in CONFIGS} | STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS
+    assert {c.stem for c in ALL_CONFIGS} == exercised
+    assert FINETUNE_CONFIGS == {"finetune_ddpm_cifar10"}  # run by tests/test_hub.py
     assert CLASSIFIER_CONFIGS == {"classifier_mnist", "classifier_fashion_mnist"}

@@ -9,20 +9,29 @@ Optional class conditioning for classifier-free guidance (Ho & Salimans 2022): a
 added to the time embedding; index ``num_classes`` is the "null" label that stands for "no class".
 
 The network sees only the integer (or float) timestep ``t``; the noise schedule lives in the diffusion.
+
+The options ``norm_eps``, ``downsample_padding``, ``time_freq_shift``, ``time_flip_sin_to_cos`` and
+``attention_head_dim`` cover the ways diffusers' ``UNet2DModel`` can differ (its DDPM ports, e.g.
+``google/ddpm-cifar10-32``: ``norm_eps=1e-6, downsample_padding="bottom_right"``); their defaults are the
+layout above. :mod:`ddpm_lightning.nn.diffusers` maps between the two, ``init_from`` loads such a folder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddpm_lightning.nn.layers import (
+    GROUP_NORM_EPS,
     AttentionBlock,
     Downsample,
+    DownsamplePadding,
     EmbedSequential,
     ResBlock,
     SinusoidalTimeEmbedding,
@@ -74,10 +83,11 @@ def _validate(
     resolutions: list[int],
     attention_resolutions: Sequence[int],
     dropout: float,
-    num_heads: int,
+    heads: tuple[str, int],
     num_groups: int,
 ) -> None:
-    """Check widths against ``num_groups`` / ``num_heads`` and attention resolutions against the levels."""
+    """Check widths against ``num_groups`` / ``heads`` (the option that splits widths into attention heads:
+    ``("num_heads", n)`` or ``("attention_head_dim", d)``) and attention resolutions against the levels."""
     bad = [r for r in attention_resolutions if r not in resolutions]
     if bad:
         raise ValueError(
@@ -89,11 +99,17 @@ def _validate(
     check_divisible("base_channels", base_channels, "num_groups", num_groups)  # so is every wider level
     for level, mult in enumerate(channel_mults):
         if resolutions[level] in attention_resolutions or level == len(channel_mults) - 1:  # middle attends
-            check_divisible(f"attention at level {level}", base_channels * mult, "num_heads", num_heads)
+            check_divisible(f"attention at level {level}", base_channels * mult, *heads)
 
 
 def _build_down(
-    base_channels: int, widths: list[int], attends: list[bool], num_res_blocks: int, res: Block, attn: Block
+    base_channels: int,
+    widths: list[int],
+    attends: list[bool],
+    num_res_blocks: int,
+    res: Block,
+    attn: Block,
+    down: Block,
 ) -> tuple[nn.ModuleList, list[int]]:
     """Encoder blocks, each saving one skip, and the width of every skip (``conv_in``'s first)."""
     blocks, skip_widths, ch = nn.ModuleList(), [base_channels], base_channels
@@ -104,7 +120,7 @@ def _build_down(
             ch = width
             skip_widths.append(ch)
         if level != len(widths) - 1:
-            blocks.append(EmbedSequential(Downsample(ch)))
+            blocks.append(EmbedSequential(down(ch)))
             skip_widths.append(ch)
     return blocks, skip_widths
 
@@ -148,6 +164,17 @@ class UNet(nn.Module):
         num_heads: attention heads; every attended width must be divisible by it.
         num_groups: GroupNorm groups (32 in DDPM); every width must be divisible by it.
         out_channels: output channels; defaults to ``in_channels`` (predicting ``eps``, ``x_start`` or ``v``).
+        norm_eps: epsilon of every GroupNorm (1e-6 in DDPM's TensorFlow code and diffusers' ports of it).
+        downsample_padding: ``"symmetric"`` or ``"bottom_right"`` (DDPM's TensorFlow "SAME" padding), see
+            :data:`ddpm_lightning.nn.layers.DownsamplePadding`.
+        time_freq_shift: ``w_i = 10000^(-i / (base_channels/2 - time_freq_shift))`` in the sinusoidal time
+            embedding (1: DDPM; 0: diffusers' default).
+        time_flip_sin_to_cos: order the sinusoids ``[cos, sin]`` (diffusers' default) instead of ``[sin, cos]``.
+        attention_head_dim: channels per attention head, so a level of width ``w`` gets ``w // attention_head_dim``
+            heads (as diffusers counts them); ``None``: ``num_heads`` heads at every level.
+        init_from: a diffusers ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or
+            a pipeline folder holding ``unet/``) whose weights replace the initial ones, after checking that its
+            configuration and tensor shapes are this network's (see :func:`ddpm_lightning.hub.load_diffusers_unet`).
     """
 
     def __init__(
@@ -163,6 +190,12 @@ class UNet(nn.Module):
         num_heads: int = 1,
         num_groups: int = 32,
         out_channels: int | None = None,
+        norm_eps: float = GROUP_NORM_EPS,
+        downsample_padding: DownsamplePadding = "symmetric",
+        time_freq_shift: int = 1,
+        time_flip_sin_to_cos: bool = False,
+        attention_head_dim: int | None = None,
+        init_from: str | Path | None = None,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -174,34 +207,61 @@ class UNet(nn.Module):
             num_heads=num_heads,
             num_groups=num_groups,
             out_channels=out_channels,
+            attention_head_dim=attention_head_dim,
         )
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0; got {norm_eps}")
         channel_mults, attention_resolutions = tuple(channel_mults), tuple(attention_resolutions)
         if not channel_mults:
             raise ValueError("channel_mults must have at least one level, e.g. (1, 2, 2)")
         _check_positive(**{f"channel_mults[{i}]": m for i, m in enumerate(channel_mults)})
         resolutions = level_resolutions(image_size, channel_mults)
-        _validate(base_channels, channel_mults, resolutions, attention_resolutions, dropout, num_heads, num_groups)
+        heads = ("attention_head_dim", attention_head_dim) if attention_head_dim else ("num_heads", num_heads)
+        _validate(base_channels, channel_mults, resolutions, attention_resolutions, dropout, heads, num_groups)
 
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.out_channels = out_channels or in_channels
+        #: the shape options beyond the attributes above, read by the diffusers mapping
+        self.options: dict[str, Any] = dict(
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            dropout=dropout,
+            num_heads=num_heads,
+            num_groups=num_groups,
+            norm_eps=norm_eps,
+            downsample_padding=downsample_padding,
+            time_freq_shift=time_freq_shift,
+            time_flip_sin_to_cos=time_flip_sin_to_cos,
+            attention_head_dim=attention_head_dim,
+        )
         emb_dim = EMB_MULT * base_channels
-        self.time_embed = SinusoidalTimeEmbedding(base_channels)
+        self.time_embed = SinusoidalTimeEmbedding(base_channels, time_freq_shift, time_flip_sin_to_cos)
         # one row per class plus the null label (index num_classes) for classifier-free guidance
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
 
         widths = [base_channels * m for m in channel_mults]
         attends = [r in attention_resolutions for r in resolutions]
-        res = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, num_groups=num_groups)
-        attn = partial(AttentionBlock, num_heads=num_heads, num_groups=num_groups)
+        res = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, num_groups=num_groups, eps=norm_eps)
 
+        def attn(ch: int) -> AttentionBlock:
+            n = ch // attention_head_dim if attention_head_dim else num_heads
+            return AttentionBlock(ch, num_heads=n, num_groups=num_groups, eps=norm_eps)
+
+        down = partial(Downsample, padding=downsample_padding)
         self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
-        self.down, skip_widths = _build_down(base_channels, widths, attends, num_res_blocks, res, attn)
+        self.down, skip_widths = _build_down(base_channels, widths, attends, num_res_blocks, res, attn, down)
         ch = widths[-1]
         self.middle = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
         self.up = _build_up(widths, attends, num_res_blocks, skip_widths, res, attn)
         ch = widths[0]
-        self.norm_out = nn.GroupNorm(num_groups, ch)
+        self.norm_out = nn.GroupNorm(num_groups, ch, eps=norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, self.out_channels, kernel_size=3, padding=1))
+        if init_from is not None:
+            from ddpm_lightning.hub import load_diffusers_unet  # here: hub imports this module
+
+            load_diffusers_unet(init_from, self)
 
     @property
     def null_label(self) -> int:
