@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ddpm_lightning.checkpointing import checkpoint_load_error
 from ddpm_lightning.hub_card import model_card
 from ddpm_lightning.nn import UNet
 from ddpm_lightning.nn.diffusers_layout import (
@@ -174,16 +173,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     from ddpm_lightning.module import DiffusionModule  # here: module.py builds the U-Net, which imports this file
 
     ckpt = Path(ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {str(ckpt)!r}")
-    try:
-        raw = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # the step counters; no copy
-        # init_from=None: the weights come from the checkpoint, the diffusers folder it started from may be gone
-        module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, init_from=None)
-    except Exception as err:
-        if (clear := checkpoint_load_error(ckpt, err)) is None:
-            raise
-        raise clear from None
+    module = DiffusionModule.from_checkpoint(ckpt, "cpu")  # one-line errors for a missing, corrupt or unsafe file
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # the step counters; no copy
     training = {"global_step": raw.get("global_step"), "epoch": raw.get("epoch"), "checkpoint": ckpt.name}
     training["config"] = _run_config(ckpt)
     metrics = sorted(ckpt.parent.glob(f"{ckpt.stem}.metrics.*.json"))

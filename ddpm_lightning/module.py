@@ -120,7 +120,8 @@ class DiffusionModule(L.LightningModule):
         if val_timesteps < 1 or warmup_steps < 0:
             raise ValueError("val_timesteps must be >= 1 and warmup_steps >= 0")
         self.sampling = SamplingConfig.of(sampling)  # a checkpoint's hyperparameters hold it as a plain dict
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "sampling"])
+        # init_from is where the first weights came from: a checkpoint holds its own, and must load without that folder
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "sampling", "init_from"])
         self.hparams["sampling"] = self.sampling.to_dict()  # plain values: loadable with weights_only=True
         self.net = UNet(
             in_channels=in_channels,

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from standins import write_image_folder
 
-from ddpm_lightning.cli import build_cli
+from ddpm_lightning.cli import build_cli, main
 from ddpm_lightning.hub import beta_schedule_config, export_checkpoint, export_diffusers, load_diffusers_unet
 from ddpm_lightning.module import DiffusionModule
 from ddpm_lightning.nn import UNet
@@ -285,13 +285,14 @@ def test_export_checkpoint_writes_card_and_one_line_errors(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run))
     result = {"results": {"fid_classifier": 12.5, "seconds": 3.0}, "settings": {"sampler": "ddim", "num_steps": 25}}
     (ckpt.parent / "last.metrics.ddim25-w3-n1000-seed0.json").write_text(json.dumps(result))
-    out = export_checkpoint(ckpt, tmp_path / "export")
+    out = tmp_path / "export"
+    main(["export", f"--ckpt_path={ckpt}", f"--out_dir={out}"])  # the command; export_checkpoint underneath
     card = (out / "README.md").read_text()
     assert "1,234" in card and "MNISTDataModule" in card and "fid_classifier 12.5" in card and "root" not in card
     unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
     assert max_delta(module, unet) <= 1e-4
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint file at"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         export_checkpoint(tmp_path / "missing.ckpt", tmp_path / "x")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(ckpt.read_bytes()[:1000])
