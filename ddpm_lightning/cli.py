@@ -97,14 +97,17 @@ class DDPMCLI(LightningCLI):
         self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
 
 
+PROG = "ddpm"  # the console script (pyproject's [project.scripts])
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> DDPMCLI:
     """Construct (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by the tests)."""
-    return _build(DiffusionModule, "ddpm", args, run)
+    return _build(DiffusionModule, PROG, args, run)
 
 
 def build_classifier_cli(args: list[str] | None = None, run: bool = True) -> DDPMCLI:
     """The ``ddpm classifier`` CLI: same subcommands and data links, over :class:`ClassifierModule`."""
-    return _build(ClassifierModule, "ddpm classifier", args, run)
+    return _build(ClassifierModule, f"{PROG} classifier", args, run)
 
 
 def _build(model_class: type, prog: str, args: list[str] | None, run: bool) -> DDPMCLI:
@@ -132,7 +135,7 @@ def datamodule_from_recipe(recipe: str | os.PathLike, data_root: str | None = No
         args += ["--data.root", str(data_root), "--data.download", "false"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _build(DiffusionModule, "ddpm", args, run=False)
+        cli = _build(DiffusionModule, PROG, args, run=False)
     return cli.datamodule
 
 

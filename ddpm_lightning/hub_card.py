@@ -143,7 +143,7 @@ def model_card(
 ) -> str:
     """The README.md text; ``metrics`` are parsed ``*.metrics.*.json`` payloads with their ``file`` name added."""
     hp = module.hparams
-    tags = ["pytorch", "diffusers", "ddpm", "ddpm-lightning"]
+    tags = ["pytorch", "diffusers", "denoising-diffusion", "ddpm-lightning"]
     tags.append("class-conditional-image-generation" if hp.conditional else "unconditional-image-generation")
     schedule = sched_cfg["beta_schedule"] if sched_cfg["trained_betas"] is None else "trained_betas (written out)"
     values = dict(path=".", T=sched_cfg["num_train_timesteps"], C=hp.in_channels, H=hp.image_size)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ddpm_lightning.diffusion import GaussianDiffusion, PredictionType
 from ddpm_lightning.nn import UNet
+from ddpm_lightning.nn.unet import SHAPE_OPTIONS
 from ddpm_lightning.samplers import Generators, guided_denoise_fn
 from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, sample
 from ddpm_lightning.schedules import ScheduleName, make_betas
@@ -123,23 +124,13 @@ class DiffusionModule(L.LightningModule):
         # init_from is where the first weights came from: a checkpoint holds its own, and must load without that folder
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "sampling", "init_from"])
         self.hparams["sampling"] = self.sampling.to_dict()  # plain values: loadable with weights_only=True
+        shape = {name: self.hparams[name] for name in SHAPE_OPTIONS}
         self.net = UNet(
             in_channels=in_channels,
             image_size=image_size,
-            base_channels=base_channels,
-            channel_mults=tuple(channel_mults),
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions),
-            dropout=dropout,
             num_classes=num_classes if conditional else None,
-            num_heads=num_heads,
-            num_groups=num_groups,
-            norm_eps=norm_eps,
-            downsample_padding=downsample_padding,
-            time_freq_shift=time_freq_shift,
-            time_flip_sin_to_cos=time_flip_sin_to_cos,
-            attention_head_dim=attention_head_dim,
             init_from=init_from,
+            **shape,
         )
         if channels_last:
             self.net.to(memory_format=torch.channels_last)

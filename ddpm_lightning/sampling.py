@@ -32,11 +32,13 @@ class Sampler:
             device, x_T, return_trajectory and progress.
         nfe: ``(config, num_timesteps) -> network evaluations per sample`` of one unguided run.
         uses_steps: whether ``num_steps`` applies (DDPM always runs all T steps).
+        at_steps: ``(config, k, num_timesteps) -> config`` that takes k steps with this sampler (for sweeps).
     """
 
     run: Callable[..., SampleOutput]
     nfe: Callable[[SamplingConfig, int], int]
     uses_steps: bool = True
+    at_steps: Callable[[SamplingConfig, int, int], SamplingConfig] = lambda c, k, T: c.replace(num_steps=k)
 
 
 #: name -> sampler. The sampler names appear here and nowhere else in the package.
@@ -45,6 +47,9 @@ SAMPLERS: dict[str, Sampler] = {
         lambda f, d, s, c, **kw: ddpm_sample(f, d, s, variance=c.variance, clip_x0=c.clip_x0, **kw),
         nfe=lambda c, T: T,
         uses_steps=False,
+        # k < T steps: ancestral sampling of the respaced chain, which is DDIM with eta = 1 on the k-step
+        # sub-sequence (Song et al. 2021, sec. 4.1); k = T: exactly DDPM (Ho et al. 2020, Algorithm 2)
+        at_steps=lambda c, k, T: c if k >= T else c.replace(sampler="ddim", num_steps=k, eta=1.0),
     ),
     "ddim": Sampler(
         lambda f, d, shape, c, **kw: ddim_sample(
@@ -124,6 +129,10 @@ class SamplingConfig:
     def guided(self, conditional: bool) -> bool:
         """Whether a guided step evaluates the network on [cond; uncond] (w not in {0, 1})."""
         return conditional and self.guidance_scale not in (0, 1)
+
+    def at_steps(self, k: int, num_timesteps: int) -> SamplingConfig:
+        """This sampler taking ``k`` steps (capped at T) on a model with T = ``num_timesteps``."""
+        return self.spec.at_steps(self, min(k, num_timesteps), num_timesteps)
 
     def nfe(self, num_timesteps: int, conditional: bool = False) -> int:
         """Network evaluations per sample: a guided step counts two (the conditional and unconditional halves of

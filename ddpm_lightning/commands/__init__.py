@@ -26,7 +26,7 @@ def _lightning(argv: list[str]) -> Any:
     from ddpm_lightning.cli import build_cli
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is sys.argv minus "ddpm"
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv: sys.argv minus the command
         return build_cli(argv)
 
 

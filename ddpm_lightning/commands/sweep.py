@@ -27,7 +27,7 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--recipe", type=str, required=True, help="the training recipe (its data section)")
     parser.add_argument("--ckpt_path", type=str, required=True)
     parser.add_argument("--data_root", type=str | None, default=None, help="override data.root (download off)")
-    parser.add_argument("--samplers", type=str, nargs="+", default=["ddim", "ddpm"], help=f"of {', '.join(SAMPLERS)}")
+    parser.add_argument("--samplers", type=str, nargs="+", default=list(SAMPLERS), help=f"of {', '.join(SAMPLERS)}")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 250, 1000])
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -48,20 +48,10 @@ def from_recipe(recipe: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def plan(samplers: list[str], steps: list[int], base: SamplingConfig, num_timesteps: int) -> list[SamplingConfig]:
-    """The settings of each row: every sampler at every step count (capped at T; DDPM once per count).
-
-    ``ddpm`` at k < T steps is DDIM with eta = 1 on the k-step sub-sequence, ancestral DDPM sampling of the respaced
-    chain (Song et al. 2021, sec. 4.1); at k = T it is exactly DDPM (Ho et al. 2020, Algorithm 2).
-    """
-    rows = []
-    for name in samplers:
-        base.replace(sampler=name)  # validates the name: one line naming the samplers
-        for k in sorted({min(s, num_timesteps) for s in steps}):
-            if name == "ddpm" and k < num_timesteps:
-                rows.append(base.replace(sampler="ddim", num_steps=k, eta=1.0))
-            else:
-                rows.append(base.replace(sampler=name, num_steps=k))
-    return rows
+    """The settings of each row: every sampler at every step count (capped at T), as the registry says a sampler
+    takes k steps (:meth:`SamplingConfig.at_steps`)."""
+    counts = sorted({min(s, num_timesteps) for s in steps})
+    return [base.replace(sampler=name).at_steps(k, num_timesteps) for name in samplers for k in counts]
 
 
 def run(cfg: Namespace) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -44,17 +44,7 @@ class FGVCAircraftDataModule(ImageDataModule):
     native_channels = 3
 
     def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_size: int | float = 0.1,
-        split_seed: int = 0,
-        image_size: int | None = None,
-        annotation_level: AnnotationLevel = "variant",
-        hflip: bool = False,
-        pin_memory: bool = False,
+        self, image_size: int | None = None, annotation_level: AnnotationLevel = "variant", **kwargs: Any
     ) -> None:
         if image_size is None:
             raise ValueError(
@@ -64,17 +54,9 @@ class FGVCAircraftDataModule(ImageDataModule):
         if annotation_level not in NUM_CLASSES:
             choices = ", ".join(get_args(AnnotationLevel))
             raise ValueError(f"unknown annotation_level {annotation_level!r}; choose one of: {choices}")
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            split_seed=split_seed,
-            image_size=image_size,
-            hflip=hflip,
-            pin_memory=pin_memory,
-        )
+        # the base's arguments (root, batch_size, ...) come through **kwargs: jsonargparse follows the call below
+        # to the base's signature, so the CLI still lists and type-checks each of them under data.init_args
+        super().__init__(image_size=image_size, **kwargs)
         self.annotation_level = annotation_level
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets
@@ -32,34 +33,15 @@ class Flowers102DataModule(ImageDataModule):
     native_channels = 3
     native_num_classes = 102
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_size: int | float = 0.1,
-        split_seed: int = 0,
-        image_size: int | None = None,
-        hflip: bool = False,
-        pin_memory: bool = False,
-    ) -> None:
+    def __init__(self, image_size: int | None = None, **kwargs: Any) -> None:
         if image_size is None:
             raise ValueError(
                 "Flowers102DataModule needs image_size (its photos vary in size; report 001 uses 128): "
                 "set --data.image_size"
             )
-        super().__init__(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            split_seed=split_seed,
-            image_size=image_size,
-            hflip=hflip,
-            pin_memory=pin_memory,
-        )
+        # the base's arguments (root, batch_size, ...) come through **kwargs: jsonargparse follows the call below
+        # to the base's signature, so the CLI still lists and type-checks each of them under data.init_args
+        super().__init__(image_size=image_size, **kwargs)
 
     def _download(self) -> None:
         datasets.Flowers102(self.root, split="test", download=True)

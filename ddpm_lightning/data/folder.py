@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -91,12 +91,7 @@ class ImageFolderDataModule(ImageDataModule):
         class_subfolders: bool = False,
         channels: Literal[1, 3] = 3,
         on_corrupt: OnCorrupt = "error",
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_size: int | float = 0.1,
-        split_seed: int = 0,
-        hflip: bool = False,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
         if image_size is None:
             raise ValueError("ImageFolderDataModule needs image_size (images are resized to it): set --data.image_size")
@@ -104,17 +99,9 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError(f"channels must be one of: {', '.join(map(str, CHANNEL_MODES))}; got {channels!r}")
         if on_corrupt not in get_args(OnCorrupt):
             raise ValueError(f"unknown on_corrupt {on_corrupt!r}; choose one of: {', '.join(get_args(OnCorrupt))}")
-        super().__init__(
-            root=root,
-            download=False,  # nothing to download: prepare_data does nothing
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            split_seed=split_seed,
-            image_size=image_size,
-            hflip=hflip,
-            pin_memory=pin_memory,
-        )
+        # the base's arguments (batch_size, val_size, ...) come through **kwargs: jsonargparse follows the call below
+        # to the base's signature, so the CLI still lists and type-checks each of them under data.init_args
+        super().__init__(root=root, download=False, image_size=image_size, **kwargs)  # nothing to download
         self.class_subfolders = class_subfolders
         self._channels = channels
         self.on_corrupt = on_corrupt

@@ -148,6 +148,24 @@ def _build_up(
     return blocks
 
 
+#: the constructor arguments that give the network's shape beyond the data-decided sizes (channels, image size,
+#: classes); DiffusionModule takes each under the same name and passes them on
+SHAPE_OPTIONS = (
+    "base_channels",
+    "channel_mults",
+    "num_res_blocks",
+    "attention_resolutions",
+    "dropout",
+    "num_heads",
+    "num_groups",
+    "norm_eps",
+    "downsample_padding",
+    "time_freq_shift",
+    "time_flip_sin_to_cos",
+    "attention_head_dim",
+)
+
+
 class UNet(nn.Module):
     """Noise-prediction U-Net: ``(x_t, t, y) -> output`` of the shape of ``x_t`` (``out_channels`` channels).
 
@@ -222,20 +240,8 @@ class UNet(nn.Module):
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.out_channels = out_channels or in_channels
         #: the shape options beyond the attributes above, read by the diffusers mapping
-        self.options: dict[str, Any] = dict(
-            base_channels=base_channels,
-            channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            num_heads=num_heads,
-            num_groups=num_groups,
-            norm_eps=norm_eps,
-            downsample_padding=downsample_padding,
-            time_freq_shift=time_freq_shift,
-            time_flip_sin_to_cos=time_flip_sin_to_cos,
-            attention_head_dim=attention_head_dim,
-        )
+        given = locals()
+        self.options: dict[str, Any] = {name: given[name] for name in SHAPE_OPTIONS}
         emb_dim = EMB_MULT * base_channels
         self.time_embed = SinusoidalTimeEmbedding(base_channels, time_freq_shift, time_flip_sin_to_cos)
         # one row per class plus the null label (index num_classes) for classifier-free guidance
