@@ -1,11 +1,12 @@
 """Fast ODE/SDE solvers of the reverse process: DPM-Solver++(2M) and its SDE variant, UniPC, and the Euler and Heun
 samplers of Karras et al. 2022, free functions over a ``denoise_fn(x_t, t) -> model output`` like the samplers.
 
-Every solver walks noise levels sigma_0 > ... > sigma_{n-1} > sigma_n = 0 from :func:`solver_schedule`, in the
-variance-exploding view x_t / sqrt(abar_t) = x_0 + sigma eps (sigma = sqrt((1 - abar) / abar); see the continuous-time
-block of :class:`~ddpm_lightning.diffusion.GaussianDiffusion`). x_T ~ N(0, I) sits at sigma_0 = sigma_{T-1}, and the
-last step lands on sigma = 0, clean data. The results are pinned against diffusers' schedulers with the same options
-(``tests/test_solvers.py``), including where diffusers' choices are quirks (marked "diffusers:" below).
+Every solver walks noise levels sigma_0 > ... > sigma_{n-1} > sigma_n = 0 of
+:func:`~ddpm_lightning.spacings.solver_schedule`, in the variance-exploding view x_t / sqrt(abar_t) = x_0 + sigma eps
+(sigma = sqrt((1 - abar) / abar); see the continuous-time block of GaussianDiffusion). x_T ~ N(0, I) sits at
+sigma_0 = sigma_{T-1}, and the last step lands on sigma = 0, clean data. The results are pinned against diffusers'
+schedulers with the same options (``tests/test_solvers.py``), including where diffusers' choices are quirks (see
+:func:`~ddpm_lightning.spacings.solver_schedule`).
 
 The timestep t given to denoise_fn is a (B,) long tensor for the multistep solvers (DPM-Solver++, UniPC) and for
 "trailing" spacing; Euler and Heun with "uniform" or "karras" spacing call the network between the discrete
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -26,132 +26,10 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning.diffusion import GaussianDiffusion
 from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, randn
+from ddpm_lightning.spacings import SolverSchedule, Spacing, choice_error, solver_schedule
 
 SolverName = Literal["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun", "euler"]
 SOLVERS: tuple[str, ...] = get_args(SolverName)
-#: where the n steps go: "uniform" = evenly spaced timesteps (diffusers' timestep_spacing="linspace"), "trailing" =
-#: evenly spaced back from t=T-1 (Lin et al. 2024, Table 2; diffusers' "trailing"), "karras" = Karras et al. 2022
-#: eq. 5 in sigma with rho=7 (diffusers' use_karras_sigmas=True)
-Spacing = Literal["uniform", "trailing", "karras"]
-SPACINGS: tuple[str, ...] = get_args(Spacing)
-#: diffusers lays the steps out in two ways: "multistep" (DPM/UniPC schedulers: integer timesteps, the t=0 end of the
-#: uniform grid replaced by sigma=0) and "karras" (Euler/Heun schedulers, after k-diffusion: fractional timesteps)
-Convention = Literal["multistep", "karras"]
-KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and Table 1
-
-
-def _choice_error(what: str, value: object, allowed: tuple) -> ValueError:
-    return ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-
-
-@dataclass(frozen=True)
-class SolverSchedule:
-    """The n steps of one solver run.
-
-    Attributes:
-        t: (n,) float64 timesteps in [0, T-1] at which denoise_fn is called; t[i] goes with sigmas[i].
-        sigmas: (n + 1,) float64 noise levels, strictly decreasing, sigmas[0] = sigma_{T-1}, sigmas[n] = 0.
-        integer_t: t is integer-valued and passed to denoise_fn as long (else as float).
-    """
-
-    t: Tensor
-    sigmas: Tensor
-    integer_t: bool
-
-    def __len__(self) -> int:
-        return self.t.shape[0]
-
-    def sigma(self, i: int) -> float:
-        return float(self.sigmas[i])
-
-    def alpha_sigma(self, i: int) -> tuple[float, float]:
-        """VP (alpha, sigma_vp) of level i."""
-        alpha, sigma = GaussianDiffusion.alpha_sigma_from_ve_sigma(self.sigma(i))
-        return float(alpha), float(sigma)
-
-    def log_snr(self, i: int) -> float:
-        """lambda_i = log(alpha / sigma_vp) = -log sigma_i (Lu et al. 2022, Sec. 3.1); +inf at sigma = 0."""
-        return -math.log(self.sigma(i)) if self.sigma(i) > 0 else math.inf
-
-    def t_batch(self, i: int, x: Tensor) -> Tensor:
-        """(B,) timestep of step i for denoise_fn: long, or float in x's dtype."""
-        dtype = torch.long if self.integer_t else x.dtype
-        value = int(self.t[i]) if self.integer_t else float(self.t[i])
-        return torch.full((x.shape[0],), value, device=x.device, dtype=dtype)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = KARRAS_RHO) -> Tensor:
-    """Karras et al. 2022 eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-    i = 0, ..., n-1; (n,) float64 from sigma_max down to sigma_min (n = 1: [sigma_max])."""
-    ramp = torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64)
-    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (inv_max + ramp * (inv_min - inv_max)) ** rho
-
-
-def max_num_steps(num_timesteps: int, spacing: Spacing, convention: Convention) -> int:
-    """The largest num_steps with distinct levels: T, but T-1 for "uniform" multistep (its grid has T+1 points)."""
-    return num_timesteps - 1 if spacing == "uniform" and convention == "multistep" else num_timesteps
-
-
-def _uniform_timesteps(num_timesteps: int, num_points: int) -> Tensor:
-    """np.linspace(0, T-1, num_points) reversed, with numpy's arithmetic (i * step, exact end point), float64."""
-    grid = torch.arange(num_points, dtype=torch.float64) * ((num_timesteps - 1) / max(num_points - 1, 1))
-    grid[-1] = num_timesteps - 1
-    return grid.flip(0)
-
-
-def _trailing_timesteps(num_timesteps: int, num_steps: int) -> Tensor:
-    """round(arange(T, 0, -T/n)) - 1 (Lin et al. 2024, Table 2), float64. diffusers' np.arange computes
-    T + i * ((T - T/n) - T), which decides the ties of the rounding; it sometimes yields n + 1 entries (the last
-    one -1), which we drop."""
-    delta = (num_timesteps - num_timesteps / num_steps) - num_timesteps
-    return (num_timesteps + torch.arange(num_steps, dtype=torch.float64) * delta).round() - 1
-
-
-def solver_schedule(
-    diffusion: GaussianDiffusion, num_steps: int, spacing: Spacing, convention: Convention = "multistep"
-) -> SolverSchedule:
-    """Timesteps and noise levels of an n-step solver run, as diffusers' schedulers lay them out.
-
-    * "uniform", multistep: t = round(linspace(0, T-1, n+1)) without its 0 end: the step from the smallest t
-      lands on sigma=0. karras convention: t = linspace(0, T-1, n), fractional, sigma linearly interpolated between
-      the discrete levels (diffusers: linear in sigma, not in log sigma); n = 1 is the single step t = T-1
-      (diffusers would start at t=0).
-    * "trailing": t = round(T - i T/n) - 1, integers, both conventions.
-    * "karras": :func:`karras_sigmas` from sigma_{T-1} down to sigma_0, t from
-      :meth:`GaussianDiffusion.t_from_ve_sigma`; multistep (diffusers): the network sees round(t) while the step
-      uses the Karras sigma itself.
-
-    Raises:
-        ValueError: unknown spacing or convention, or num_steps not an integer in [1, :func:`max_num_steps`].
-    """
-    if spacing not in SPACINGS:
-        raise _choice_error("spacing", spacing, SPACINGS)
-    if convention not in get_args(Convention):
-        raise _choice_error("convention", convention, get_args(Convention))
-    T = diffusion.num_timesteps
-    high = max_num_steps(T, spacing, convention)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= high:
-        raise ValueError(f"num_steps must be an integer in [1, {high}] for spacing {spacing!r}, got {num_steps!r}")
-    table = diffusion.ve_sigmas().cpu()  # (T,)
-    if spacing == "karras":
-        sigmas = karras_sigmas(float(table[0]), float(table[-1]), num_steps)
-        t = diffusion.t_from_ve_sigma(sigmas).cpu()
-        if convention == "multistep":
-            t = t.round()
-    else:
-        if spacing == "trailing":
-            t = _trailing_timesteps(T, num_steps)
-        elif convention == "multistep":
-            t = _uniform_timesteps(T, num_steps + 1)[:-1].round()
-        else:
-            t = _uniform_timesteps(T, num_steps) if num_steps > 1 else torch.tensor([T - 1.0], dtype=torch.float64)
-        low = t.floor().long().clamp(max=T - 2)
-        w = t - low  # 0 for integer t; diffusers' np.interp is linear in sigma
-        sigmas = (1 - w) * table[low] + w * table[low + 1]
-    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    assert (sigmas[1:] < sigmas[:-1]).all(), sigmas  # internal invariant (distinct levels, see max_num_steps)
-    return SolverSchedule(t=t, sigmas=sigmas, integer_t=convention == "multistep" or spacing == "trailing")
 
 
 # -- shared step machinery -------------------------------------------------------------------------------------------
@@ -269,7 +147,7 @@ def dpmpp_2m_sample(
         diffusion: the process (schedule buffers on ``device``).
         shape: (B, C, H, W).
         num_steps: steps = network evaluations, in [1, T-1] for "uniform", [1, T] otherwise.
-        spacing: "uniform", "trailing" or "karras" (:func:`solver_schedule`).
+        spacing: "uniform", "trailing" or "karras" (:func:`~ddpm_lightning.spacings.solver_schedule`).
         generator: source of x_T, one for the batch or one per sample; on ``device``.
         device: where to sample; default x_T's device, else the diffusion buffers' device.
         clip_x0: clamp each predicted x0 to [-1, 1] before the solver uses it.
@@ -505,7 +383,7 @@ def solve(
 ) -> SampleOutput:
     """Dispatch to one of the solvers by name (:data:`SOLVERS`); ``kwargs`` go to it."""
     if solver not in _SOLVER_FNS:
-        raise _choice_error("solver", solver, SOLVERS)
+        raise choice_error("solver", solver, SOLVERS)
     return _SOLVER_FNS[solver](denoise_fn, diffusion, shape, **kwargs)
 
 
@@ -521,7 +399,7 @@ def nfe(sampler_name: str, num_steps: int, num_timesteps: int) -> int:
     corrector reuses the next step's evaluation).
     """
     if sampler_name not in NFE_SAMPLERS:
-        raise _choice_error("sampler", sampler_name, NFE_SAMPLERS)
+        raise choice_error("sampler", sampler_name, NFE_SAMPLERS)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}], got {num_steps!r}")
     if sampler_name == "ddpm":
@@ -536,7 +414,7 @@ def steps_for_nfe(sampler_name: str, nfe_budget: int, num_timesteps: int) -> int
         ValueError: unknown sampler, or a budget below the sampler's smallest NFE (1; T for ddpm).
     """
     if sampler_name not in NFE_SAMPLERS:
-        raise _choice_error("sampler", sampler_name, NFE_SAMPLERS)
+        raise choice_error("sampler", sampler_name, NFE_SAMPLERS)
     smallest = nfe(sampler_name, 1, num_timesteps)
     if isinstance(nfe_budget, bool) or not isinstance(nfe_budget, int) or nfe_budget < smallest:
         raise ValueError(f"an NFE budget for {sampler_name} must be an integer >= {smallest}, got {nfe_budget!r}")

@@ -13,17 +13,16 @@ from ddpm_lightning.samplers import DenoiseFn, ddim_sample
 from ddpm_lightning.schedules import make_betas
 from ddpm_lightning.solvers import (
     SOLVERS,
-    SPACINGS,
     dpmpp_2m_sample,
     dpmpp_2m_sde_sample,
     euler_sample,
     heun_sample,
     nfe,
     solve,
-    solver_schedule,
     steps_for_nfe,
     unipc_sample,
 )
+from ddpm_lightning.spacings import SPACINGS, solver_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
