@@ -10,8 +10,8 @@ schedulers with the same options (``tests/test_solvers.py``), including where di
 
 The timestep t given to denoise_fn is a (B,) long tensor for the multistep solvers (DPM-Solver++, UniPC) and for
 "trailing" spacing; Euler and Heun with "uniform" or "karras" spacing call the network between the discrete
-timesteps, with a (B,) *float* t in x's dtype (the U-Net's sinusoidal embedding takes it as it is). The state is
-always handed to denoise_fn as the VP x_t = alpha x_0 + sigma_vp eps, as in training.
+timesteps, with a (B,) *float* t in x's dtype, at least float32 (the U-Net's sinusoidal embedding takes it as it
+is). The state is always handed to denoise_fn as the VP x_t = alpha x_0 + sigma_vp eps, as in training.
 """
 
 from __future__ import annotations

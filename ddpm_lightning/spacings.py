@@ -63,8 +63,9 @@ class SolverSchedule:
         return -math.log(self.sigma(i)) if self.sigma(i) > 0 else math.inf
 
     def t_batch(self, i: int, x: Tensor) -> Tensor:
-        """(B,) timestep of step i for denoise_fn: long, or float in x's dtype."""
-        dtype = torch.long if self.integer_t else x.dtype
+        """(B,) timestep of step i for denoise_fn: long, or float in x's dtype (at least float32: a half-precision
+        t would round 999.3 to 1000)."""
+        dtype = torch.long if self.integer_t else torch.promote_types(x.dtype, torch.float32)
         value = int(self.t[i]) if self.integer_t else float(self.t[i])
         return torch.full((x.shape[0],), value, device=x.device, dtype=dtype)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.samplers import DenoiseFn, ddim_sample
+from ddpm_lightning.samplers import DenoiseFn, ddim_sample, guided_denoise_fn
 from ddpm_lightning.schedules import make_betas
 from ddpm_lightning.solvers import (
     SOLVERS,
@@ -368,6 +368,28 @@ def test_timestep_dtype_seen_by_the_network(solver: str, spacing: str, dtype: to
     assert len(seen) == nfe(solver, 7, 100)
     if dtype == torch.float32:
         assert any(t[0] != t[0].round() for t in seen)  # really between the discrete timesteps
+
+
+def test_classifier_free_guidance_is_inside_denoise_fn() -> None:
+    """A guided denoise_fn (one batched [cond; uncond] call per evaluation) solves like the hand-made combination,
+    also with the float t of Heun's Karras levels."""
+    d = _diffusion("eps", "linear", 100)
+
+    def model(x, t, y):  # (2B,) labels and t for the guided call
+        scale = torch.full((x.shape[0],), 0.5) if y is None else 0.1 * (y + 1).float()
+        return x * scale.reshape(-1, 1, 1, 1) + 1e-3 * t.float().reshape(-1, 1, 1, 1)
+
+    y = torch.tensor([0, 2])
+    guided = guided_denoise_fn(model, y, 3.0, null_label=5)
+
+    def by_hand(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond = model(x, t, torch.full_like(y, 5))
+        return uncond + 3.0 * (model(x, t, y) - uncond)
+
+    for solver in ("heun", "unipc"):
+        a = solve(guided, d, SHAPE, solver=solver, num_steps=6, generator=_gen(4))
+        b = solve(by_hand, d, SHAPE, solver=solver, num_steps=6, generator=_gen(4))
+        torch.testing.assert_close(a, b)
 
 
 def test_the_unet_takes_float_timesteps() -> None:
