@@ -33,7 +33,9 @@ SOLVERS: tuple[str, ...] = get_args(SolverName)
 
 
 # -- shared step machinery -------------------------------------------------------------------------------------------
-def _initial_noise(shape: Sequence[int], x_T: Tensor | None, generator: Generators, device) -> Tensor:
+def _initial_noise(
+    shape: Sequence[int], x_T: Tensor | None, generator: Generators, device: torch.device | str | None
+) -> Tensor:
     """x_T (B, C, H, W): the given one, or N(0, I) drawn with ``generator`` on ``device``."""
     if x_T is not None:
         if tuple(x_T.shape) != tuple(shape):
@@ -57,7 +59,7 @@ def _run(
     shape: Sequence[int],
     x_T: Tensor | None,
     generator: Generators,
-    device,
+    device: torch.device | str | None,
     diffusion: GaussianDiffusion,
     return_trajectory: bool,
     progress: bool,
@@ -86,7 +88,7 @@ def _dpmpp_2m(
     num_steps: int,
     spacing: Spacing,
     generator: Generators,
-    device,
+    device: torch.device | str | None,
     clip_x0: bool,
     x_T: Tensor | None,
     return_trajectory: bool,
@@ -103,10 +105,10 @@ def _dpmpp_2m(
         (_, sigma_s), (alpha_t, sigma_t) = schedule.alpha_sigma(i), schedule.alpha_sigma(i + 1)
         h = schedule.log_snr(i + 1) - schedule.log_snr(i)
         d = x0
-        if i > 0:  # second order: D = x0_i + (x0_i - x0_{i-1}) / (2 r), r = h_{i-1} / h_i (Algorithm 2, line 6)
+        if i > 0:  # second order: D = x0_i + (x0_i - x0_{i-1}) / (2 r), r = h_{i-1} / h_i (Algorithm 2)
             d = x0 + (x0 - history["x0"]) * (h / (2 * history["h"]))
         history.update(x0=x0, h=h)
-        if not sde:  # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D (Algorithm 2, line 7)
+        if not sde:  # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D (Algorithm 2)
             return (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * d
         # SDE-DPM-Solver++(2M): x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D
         #                            + sigma_t sqrt(1 - e^{-2h}) z  (diffusers' "sde-dpmsolver++", midpoint)
@@ -286,7 +288,7 @@ def _karras_ode(
     num_steps: int,
     spacing: Spacing,
     generator: Generators,
-    device,
+    device: torch.device | str | None,
     clip_x0: bool,
     x_T: Tensor | None,
     return_trajectory: bool,
@@ -408,7 +410,8 @@ def nfe(sampler_name: str, num_steps: int, num_timesteps: int) -> int:
 
 
 def steps_for_nfe(sampler_name: str, nfe_budget: int, num_timesteps: int) -> int:
-    """The largest num_steps in [1, T] whose :func:`nfe` does not exceed ``nfe_budget`` (ddpm: T).
+    """The largest num_steps in [1, T] whose :func:`nfe` does not exceed ``nfe_budget`` (ddpm: T). The multistep
+    solvers with "uniform" spacing take at most T-1 steps (:func:`~ddpm_lightning.spacings.max_num_steps`).
 
     Raises:
         ValueError: unknown sampler, or a budget below the sampler's smallest NFE (1; T for ddpm).
