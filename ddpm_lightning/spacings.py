@@ -110,7 +110,8 @@ def solver_schedule(
     * "trailing": t = round(T - i T/n) - 1, integers, both conventions.
     * "karras": :func:`karras_sigmas` from sigma_{T-1} down to sigma_0, t from
       :meth:`GaussianDiffusion.t_from_ve_sigma`; multistep (diffusers): the network sees round(t) while the step
-      uses the Karras sigma itself.
+      uses the Karras sigma itself. n = 1 is the single level sigma_{T-1} (diffusers' Euler/Heun would use sigma_0).
+    * "trailing" with the n + 1 timesteps diffusers' np.arange sometimes gives (the last one -1): we keep n.
 
     Raises:
         ValueError: unknown spacing or convention, or num_steps not an integer in [1, :func:`max_num_steps`].

@@ -22,7 +22,7 @@ from ddpm_lightning.solvers import (
     steps_for_nfe,
     unipc_sample,
 )
-from ddpm_lightning.spacings import SPACINGS, solver_schedule
+from ddpm_lightning.spacings import SPACINGS, max_num_steps, solver_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -438,6 +438,33 @@ def test_schedule_layouts() -> None:
     assert karras.t[0] == pytest.approx(999) and karras.t[-1] == pytest.approx(0.0, abs=1e-9) and karras.sigmas[-1] == 0
     for spacing in SPACINGS:  # the largest allowed step count still has distinct levels
         solver_schedule(d, 999 if spacing == "uniform" else 1000, spacing)
+
+
+@pytest.mark.parametrize("num_timesteps", [10, 37, 333])
+@pytest.mark.parametrize(("cls_name", "convention"), [("DPMSolverMultistepScheduler", "multistep"),
+                                                      ("EulerDiscreteScheduler", "karras")])  # fmt: skip
+def test_schedules_match_diffusers_for_odd_sizes(cls_name: str, convention: str, num_timesteps: int) -> None:
+    """Timesteps and levels as diffusers lays them out, for sizes where its rounding has ties. Two deliberate
+    differences: Euler/Heun with one step start at t=T-1 (diffusers' "uniform" and "karras" start at t=0: its
+    linspace(0, T-1, 1) is [0]), and for some (T, n) diffusers' "trailing" np.arange yields an extra step at t=-1,
+    which we drop."""
+    d = _diffusion("eps", "cosine", num_timesteps)
+    extra_steps = 0
+    for spacing in SPACINGS:
+        high = max_num_steps(num_timesteps, spacing, convention)
+        candidates = {1, 2, 3, 6, 7, 41, high // 2 + 1, high - 1, high}  # 41: diffusers' extra step at T=333
+        for num_steps in sorted(n for n in candidates if 1 <= n <= high and (n > 1 or convention == "multistep")):
+            scheduler = _scheduler(cls_name, d, spacing)
+            scheduler.alphas_cumprod = 1.0 / (1.0 + d.ve_sigmas() ** 2)
+            scheduler.set_timesteps(num_steps)
+            ours = solver_schedule(d, num_steps, spacing, convention)
+            n = len(ours)
+            if spacing == "trailing" and len(scheduler.timesteps) == n + 1:
+                assert scheduler.timesteps[-1] == -1  # diffusers' extra step
+                extra_steps += 1
+            torch.testing.assert_close(scheduler.timesteps[:n].double(), ours.t, rtol=0, atol=1e-3)
+            torch.testing.assert_close(scheduler.sigmas[:n].double(), ours.sigmas[:n], rtol=2e-6, atol=0)
+    assert extra_steps == (num_timesteps == 333)  # T=333, n=41 meets the quirk
 
 
 def test_invalid_choices() -> None:
