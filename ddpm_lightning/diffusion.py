@@ -248,3 +248,65 @@ class GaussianDiffusion(torch.nn.Module):
         target = self.training_target(x_start, noise, t)
         mse = (model_output.float() - target.float()).pow(2).mean(dim=tuple(range(1, x_start.ndim)))
         return mse * self.loss_weight(t)
+
+    # -- continuous-time views for the solvers (ddpm_lightning.solvers) --
+    # The ODE/SDE solvers work with the noise level sigma = sqrt((1 - abar) / abar) of the variance-exploding view
+    # x_t / sqrt(abar_t) = x_0 + sigma eps (Karras et al. 2022, Sec. 2 and Table 1), and step between levels that need
+    # not be one of the T discrete ones; the VP coefficients of such a level are alpha = sqrt(abar) = 1 / sqrt(1 +
+    # sigma^2) and sigma_vp = sqrt(1 - abar) = sigma alpha (Lu et al. 2022, arXiv 2206.00927, Sec. 2).
+    def ve_sigmas(self) -> Tensor:
+        """The discrete noise levels sigma_t = sqrt((1 - abar_t) / abar_t), (T,) float64 on the buffers' device.
+
+        Recomputed in float64 from the betas (the float32 tables lose digits where abar_t is small).
+        """
+        alphas_cumprod = torch.cumprod(1.0 - self.betas.double(), dim=0)
+        return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+    def t_from_ve_sigma(self, sigma: Tensor) -> Tensor:
+        """Fractional timestep(s) of noise level(s) ``sigma`` (any shape), float64, in [0, T-1].
+
+        log sigma is interpolated linearly between neighbouring discrete levels (k-diffusion's and diffusers'
+        ``_sigma_to_t``); levels outside [sigma_0, sigma_{T-1}] are clamped to the end points.
+        """
+        log_sigmas = self.ve_sigmas().log()  # (T,), strictly increasing
+        log_sigma = sigma.to(log_sigmas).clamp(min=1e-10).log()
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_timesteps - 2)
+        w = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])
+        return low + w.clamp(0.0, 1.0)
+
+    def ve_sigma_at(self, t: Tensor) -> Tensor:
+        """Noise level at fractional timestep(s) ``t`` in [0, T-1] (any shape), float64: the inverse of
+        :meth:`t_from_ve_sigma` (log-linear between the discrete levels); integer t gives the discrete sigma_t."""
+        log_sigmas = self.ve_sigmas().log()
+        t = t.to(log_sigmas).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+    @staticmethod
+    def alpha_sigma_from_ve_sigma(sigma: float | Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """VP coefficients (alpha, sigma_vp) = (1 / sqrt(1 + sigma^2), sigma / sqrt(1 + sigma^2)) of level sigma, so
+        that x_t = alpha x_0 + sigma_vp eps; sigma = 0 gives (1, 0), clean data."""
+        alpha = (1.0 + sigma**2) ** -0.5
+        return alpha, sigma * alpha
+
+    def model_output_to_x0_eps_at(
+        self, model_output: Tensor, x_t: Tensor, alpha: float | Tensor, sigma: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`model_output_to_x0_eps` at a level given by its VP coefficients instead of a table index.
+
+        Args:
+            model_output: raw network output (B, ...) in ``prediction_type``.
+            x_t: the network input (B, ...), x_t = alpha x_0 + sigma eps.
+            alpha, sigma: sqrt(abar) and sqrt(1 - abar) of that level (alpha^2 + sigma^2 = 1), floats or tensors
+                broadcastable against x_t (e.g. (B, 1, 1, 1)); sigma > 0.
+
+        Returns:
+            (x0, eps), each (B, ...): eq. 4 of Ho et al. 2020 solved for the other one; for v, Salimans & Ho 2022
+            App. D: x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v.
+        """
+        if self.prediction_type == "eps":
+            return (x_t - sigma * model_output) / alpha, model_output
+        if self.prediction_type == "x0":
+            return model_output, (x_t - alpha * model_output) / sigma
+        return alpha * x_t - sigma * model_output, sigma * x_t + alpha * model_output
