@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ddpm_lightning.diffusion import GaussianDiffusion, VarianceType
 from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, ddim_sample, ddpm_sample
+from ddpm_lightning.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, euler_sample, heun_sample, unipc_sample
+from ddpm_lightning.spacings import SPACINGS, Spacing, choice_error
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,30 @@ class Sampler:
     Attributes:
         run: ``(denoise_fn, diffusion, shape, config, **common) -> samples`` where ``common`` holds generator,
             device, x_T, return_trajectory and progress.
-        nfe: ``(config, num_timesteps) -> network evaluations per sample`` of one unguided run.
+        nfe: ``(config, num_timesteps) -> network evaluations per sample`` of one unguided run (default: one per
+            step; UniPC's corrector reuses the next step's evaluation).
+        steps_for_nfe: ``(budget, num_timesteps) -> the most steps whose nfe fits the budget``.
         uses_steps: whether ``num_steps`` applies (DDPM always runs all T steps).
+        uses_spacing: whether ``spacing`` applies (the solvers; DDIM has its own evenly spaced sub-sequence).
         at_steps: ``(config, k, num_timesteps) -> config`` that takes k steps with this sampler (for sweeps).
     """
 
     run: Callable[..., SampleOutput]
-    nfe: Callable[[SamplingConfig, int], int]
+    nfe: Callable[[SamplingConfig, int], int] = lambda c, T: c.num_steps
+    steps_for_nfe: Callable[[int, int], int] = lambda budget, T: budget
     uses_steps: bool = True
+    uses_spacing: bool = True
     at_steps: Callable[[SamplingConfig, int, int], SamplingConfig] = lambda c, k, T: c.replace(num_steps=k)
+
+
+def _solver(fn: Callable[..., SampleOutput]) -> Callable[..., SampleOutput]:
+    """The runner of a solver: num_steps, clip_x0 and (when set) spacing from the config."""
+
+    def run(f: DenoiseFn, d: GaussianDiffusion, shape: Sequence[int], c: SamplingConfig, **kw: Any) -> SampleOutput:
+        spacing = {"spacing": c.spacing} if c.spacing is not None else {}  # None: the solver's own default
+        return fn(f, d, shape, num_steps=c.num_steps, clip_x0=c.clip_x0, **spacing, **kw)
+
+    return run
 
 
 #: name -> sampler. The sampler names appear here and nowhere else in the package.
@@ -46,24 +63,27 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(
         lambda f, d, s, c, **kw: ddpm_sample(f, d, s, variance=c.variance, clip_x0=c.clip_x0, **kw),
         nfe=lambda c, T: T,
+        steps_for_nfe=lambda budget, T: T,
         uses_steps=False,
+        uses_spacing=False,
         # k < T steps: ancestral sampling of the respaced chain, which is DDIM with eta = 1 on the k-step
         # sub-sequence (Song et al. 2021, sec. 4.1); k = T: exactly DDPM (Ho et al. 2020, Algorithm 2)
         at_steps=lambda c, k, T: c if k >= T else c.replace(sampler="ddim", num_steps=k, eta=1.0),
     ),
     "ddim": Sampler(
-        lambda f, d, shape, c, **kw: ddim_sample(
-            f, d, shape, num_steps=c.num_steps, eta=c.eta, clip_x0=c.clip_x0, **kw
-        ),
-        nfe=lambda c, T: c.num_steps,
+        lambda f, d, s, c, **kw: ddim_sample(f, d, s, num_steps=c.num_steps, eta=c.eta, clip_x0=c.clip_x0, **kw),
+        uses_spacing=False,
     ),
+    "dpmpp_2m": Sampler(_solver(dpmpp_2m_sample)),  # DPM-Solver++(2M), Lu et al. 2022
+    "dpmpp_2m_sde": Sampler(_solver(dpmpp_2m_sde_sample)),  # its SDE variant
+    "unipc": Sampler(_solver(unipc_sample)),  # UniPC-bh2, Zhao et al. 2023
+    # Karras et al. 2022, Algorithm 1: two evaluations per step but the last (an Euler step to sigma = 0)
+    "heun": Sampler(
+        _solver(heun_sample), nfe=lambda c, T: 2 * c.num_steps - 1, steps_for_nfe=lambda b, T: (b + 1) // 2
+    ),
+    "euler": Sampler(_solver(euler_sample)),  # Karras et al. 2022's Euler (first order)
 }
 DEFAULT_SAMPLER = "ddim"
-
-
-def choice_error(what: str, value: object, allowed: Sequence[str]) -> ValueError:
-    """The project's error for a bad choice: it names the allowed values."""
-    return ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,8 @@ class SamplingConfig:
             ignored by unconditional models.
         variance: sigma_t^2 of the DDPM reverse step, "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t).
         clip_x0: clamp each predicted x_0 to the data range [-1, 1].
+        spacing: where the solvers put their steps: "uniform", "trailing" or "karras" (Karras et al. 2022's sigma
+            spacing); None: the solver's own default (karras for heun and euler, uniform for the others).
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -86,6 +108,7 @@ class SamplingConfig:
     guidance_scale: float = 1.0
     variance: VarianceType = "fixed_small"
     clip_x0: bool = True
+    spacing: Spacing | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -100,6 +123,12 @@ class SamplingConfig:
             )
         if self.variance not in get_args(VarianceType):
             raise choice_error("variance", self.variance, get_args(VarianceType))
+        if self.spacing is not None:
+            if self.spacing not in SPACINGS:
+                raise choice_error("spacing", self.spacing, SPACINGS)
+            if not SAMPLERS[self.sampler].uses_spacing:
+                users = [name for name, spec in SAMPLERS.items() if spec.uses_spacing]
+                raise ValueError(f"spacing applies to the solvers ({', '.join(users)}), not to {self.sampler}")
 
     @classmethod
     def of(cls, value: SamplingConfig | Mapping[str, Any] | None = None, **changes: Any) -> SamplingConfig:
@@ -133,6 +162,15 @@ class SamplingConfig:
     def at_steps(self, k: int, num_timesteps: int) -> SamplingConfig:
         """This sampler taking ``k`` steps (capped at T) on a model with T = ``num_timesteps``."""
         return self.spec.at_steps(self, min(k, num_timesteps), num_timesteps)
+
+    def at_nfe(self, budget: int, num_timesteps: int, conditional: bool = False) -> SamplingConfig:
+        """This sampler with the most steps whose :meth:`nfe` fits ``budget`` network evaluations per sample."""
+        smallest = self.replace(num_steps=1).nfe(num_timesteps, conditional)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < smallest:
+            raise ValueError(f"an NFE budget for {self.sampler} must be an integer >= {smallest}, got {budget!r}")
+        per_eval = 2 if self.guided(conditional) else 1
+        steps = self.spec.steps_for_nfe(budget // per_eval, num_timesteps)
+        return self.replace(num_steps=max(1, min(steps, num_timesteps)))
 
     def nfe(self, num_timesteps: int, conditional: bool = False) -> int:
         """Network evaluations per sample: a guided step counts two (the conditional and unconditional halves of

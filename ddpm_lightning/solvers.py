@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -26,10 +25,7 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning.diffusion import GaussianDiffusion
 from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, randn
-from ddpm_lightning.spacings import SolverSchedule, Spacing, choice_error, solver_schedule
-
-SolverName = Literal["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun", "euler"]
-SOLVERS: tuple[str, ...] = get_args(SolverName)
+from ddpm_lightning.spacings import SolverSchedule, Spacing, solver_schedule
 
 
 # -- shared step machinery -------------------------------------------------------------------------------------------
@@ -368,60 +364,3 @@ def euler_sample(
         denoise_fn, diffusion, shape, heun=False, num_steps=num_steps, spacing=spacing, generator=generator,
         device=device, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory, progress=progress,
     )  # fmt: skip
-
-
-_SOLVER_FNS: dict[str, Callable[..., SampleOutput]] = {
-    "dpmpp_2m": dpmpp_2m_sample,
-    "dpmpp_2m_sde": dpmpp_2m_sde_sample,
-    "unipc": unipc_sample,
-    "heun": heun_sample,
-    "euler": euler_sample,
-}
-assert set(_SOLVER_FNS) == set(SOLVERS)
-
-
-def solve(
-    denoise_fn: DenoiseFn, diffusion: GaussianDiffusion, shape: Sequence[int], *, solver: SolverName, **kwargs
-) -> SampleOutput:
-    """Dispatch to one of the solvers by name (:data:`SOLVERS`); ``kwargs`` go to it."""
-    if solver not in _SOLVER_FNS:
-        raise choice_error("solver", solver, SOLVERS)
-    return _SOLVER_FNS[solver](denoise_fn, diffusion, shape, **kwargs)
-
-
-# -- network evaluations (NFE) ---------------------------------------------------------------------------------------
-#: every sampler name nfe() knows: the two of ddpm_lightning.samplers and the solvers here
-NFE_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", *SOLVERS)
-
-
-def nfe(sampler_name: str, num_steps: int, num_timesteps: int) -> int:
-    """Network evaluations per sample of ``num_steps`` steps (guidance not counted: a guided call doubles the batch).
-
-    ddpm: T whatever num_steps; heun: 2 num_steps - 1 (the last step is Euler); all others: num_steps (UniPC's
-    corrector reuses the next step's evaluation).
-    """
-    if sampler_name not in NFE_SAMPLERS:
-        raise choice_error("sampler", sampler_name, NFE_SAMPLERS)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}], got {num_steps!r}")
-    if sampler_name == "ddpm":
-        return num_timesteps
-    return 2 * num_steps - 1 if sampler_name == "heun" else num_steps
-
-
-def steps_for_nfe(sampler_name: str, nfe_budget: int, num_timesteps: int) -> int:
-    """The largest num_steps in [1, T] whose :func:`nfe` does not exceed ``nfe_budget`` (ddpm: T). The multistep
-    solvers with "uniform" spacing take at most T-1 steps (:func:`~ddpm_lightning.spacings.max_num_steps`).
-
-    Raises:
-        ValueError: unknown sampler, or a budget below the sampler's smallest NFE (1; T for ddpm).
-    """
-    if sampler_name not in NFE_SAMPLERS:
-        raise choice_error("sampler", sampler_name, NFE_SAMPLERS)
-    smallest = nfe(sampler_name, 1, num_timesteps)
-    if isinstance(nfe_budget, bool) or not isinstance(nfe_budget, int) or nfe_budget < smallest:
-        raise ValueError(f"an NFE budget for {sampler_name} must be an integer >= {smallest}, got {nfe_budget!r}")
-    if sampler_name == "ddpm":
-        return num_timesteps
-    steps = (nfe_budget + 1) // 2 if sampler_name == "heun" else nfe_budget
-    return min(steps, num_timesteps)

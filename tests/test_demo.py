@@ -157,7 +157,10 @@ def _expected_grid(model: DiffusionModule, seed: int, **settings) -> np.ndarray:
         ({"guidance_scale": -1.0}, "guidance scale must be in [0, 10]"),
         ({"seed": -1}, "seed must be an integer"),
         ({"seed": None}, "seed must be an integer"),
-        ({"sampler": "bogus"}, "unknown sampler 'bogus'; choose one of: ddpm, ddim"),
+        (
+            {"sampler": "bogus"},
+            "unknown sampler 'bogus'; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, heun, euler",
+        ),
     ],
 )
 def test_absurd_requests_are_refused_with_a_message(model, change, needle):

@@ -234,7 +234,10 @@ def test_ddim_timesteps() -> None:
 def test_invalid_choices() -> None:
     d = _diffusion()
     denoise = _gaussian_oracle(d, 0, 1)
-    with pytest.raises(ValueError, match="unknown sampler 'bogus'; choose one of: ddpm, ddim"):
+    with pytest.raises(
+        ValueError,
+        match="unknown sampler 'bogus'; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, heun, euler",
+    ):
         sample(denoise, d, SHAPE, sampler="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown variance 'learned'; choose one of: fixed_small, fixed_large"):
         ddpm_sample(denoise, d, SHAPE, variance="learned")  # type: ignore[arg-type]

@@ -10,16 +10,13 @@ import torch
 
 from ddpm_lightning.diffusion import GaussianDiffusion
 from ddpm_lightning.samplers import DenoiseFn, ddim_sample, guided_denoise_fn
+from ddpm_lightning.sampling import SAMPLERS, SamplingConfig, sample
 from ddpm_lightning.schedules import make_betas
 from ddpm_lightning.solvers import (
-    SOLVERS,
     dpmpp_2m_sample,
     dpmpp_2m_sde_sample,
     euler_sample,
     heun_sample,
-    nfe,
-    solve,
-    steps_for_nfe,
     unipc_sample,
 )
 from ddpm_lightning.spacings import SPACINGS, max_num_steps, solver_schedule
@@ -32,6 +29,22 @@ DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 #: (schedule, T): the cosine schedule's last level is extreme (1 / alpha_{T-1} ~ 640 at T=1000); a small T too
 SCHEDULES = [("linear", 1000), ("cosine", 1000), ("cosine", 100)]
 STEPS = [5, 10, 25]
+
+
+SOLVERS = tuple(name for name, spec in SAMPLERS.items() if spec.uses_spacing)  # the registry's solvers
+
+
+def solve(denoise_fn: DenoiseFn, d: GaussianDiffusion, shape, *, solver: str, **kwargs):
+    """A solver by its registry name, through the one sampling surface."""
+    return sample(denoise_fn, d, shape, sampler=solver, **kwargs)
+
+
+def nfe(name: str, num_steps: int, num_timesteps: int) -> int:
+    return SamplingConfig(sampler=name, num_steps=num_steps).nfe(num_timesteps)
+
+
+def steps_for_nfe(name: str, budget: int, num_timesteps: int) -> int:
+    return SamplingConfig(sampler=name).at_nfe(budget, num_timesteps).num_steps
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -472,7 +485,9 @@ def test_invalid_choices() -> None:
     denoise = lambda x, t: x  # noqa: E731
     with pytest.raises(ValueError, match="unknown spacing 'linspace'; choose one of: uniform, trailing, karras"):
         dpmpp_2m_sample(denoise, d, SHAPE, spacing="linspace")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown solver 'plms'; choose one of: dpmpp_2m, dpmpp_2m_sde, unipc"):
+    with pytest.raises(
+        ValueError, match="unknown sampler 'plms'; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"
+    ):
         solve(denoise, d, SHAPE, solver="plms")  # type: ignore[arg-type]
     cases = ((unipc_sample, 50, 49), (euler_sample, 51, 50), (heun_sample, 0, 50), (unipc_sample, 2.5, 49))
     for fn, bad, high in cases:
