@@ -23,8 +23,8 @@ test-scale:  ## presets and bf16, DDP, torchrun and SLURM launches, exact resume
 	$(PYTHON) -m pytest -q tests/test_presets.py tests/test_ddp.py tests/test_launchers.py tests/test_resume.py \
 	    tests/test_atomic_checkpoints.py tests/test_failures.py
 
-gpu-check:  ## CUDA machine, its own torch: install (torch kept), bf16 fit, DDP fit, bench -> lightning_logs/gpu_check/summary.md
-	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS)  # GPU_CHECK_ARGS="--data-root DIR --dry-run ..."
+gpu-check:  ## CUDA + its own torch: install keeping torch, bf16 fit, DDP fit, bench; GPU_CHECK_ARGS="--data-root DIR"
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 slurm-up:  ## a two-node SLURM cluster on this machine (as root; installs slurm-wlm and munge when missing)
 	scripts/slurm_cluster.sh start

@@ -10,7 +10,7 @@
 #   4. bench      python -m benchmarks.bench --device cuda --precision bf16 --shapes cifar10 (ours vs diffusers and
 #                 denoising-diffusion-pytorch, img/s, peak memory, % of the GPU's data-sheet bf16 peak)
 #
-# Each stage runs under `timeout` (GPU_CHECK_TIMEOUT_{INSTALL,FIT,DDP,BENCH} seconds: 90, 100, 130, 150, so the
+# Each stage runs under `timeout` (GPU_CHECK_TIMEOUT_{INSTALL,FIT,DDP,BENCH} seconds: 120, 90, 120, 150, so the
 # whole check ends within 8 minutes). Logs and summary.md go to --out (default lightning_logs/gpu_check/, which git
 # ignores); summary.md has one row per stage: img/s, peak memory, % of bf16 peak and the ratio to diffusers.
 # --data-root holds MNIST in torchvision's layout (default ../shared/data; nothing is downloaded).
@@ -87,10 +87,10 @@ if [[ $DRY_RUN == 0 && $MODE == gpu ]]; then
         die "no CUDA GPU with bf16 visible to $PYTHON's torch (--cpu runs the CPU fallback)"
 fi
 if [[ $INSTALL == 1 ]]; then
-    stage install "${GPU_CHECK_TIMEOUT_INSTALL:-90}" "$REPO" env PYTHON="$PYTHON" scripts/install_keep_torch.sh bench
+    stage install "${GPU_CHECK_TIMEOUT_INSTALL:-120}" "$REPO" env PYTHON="$PYTHON" scripts/install_keep_torch.sh bench
 fi
-stage fit "${GPU_CHECK_TIMEOUT_FIT:-100}" "$OUT/fit" "${FIT[@]}" "${DEVICE[@]}"
-stage fit-ddp "${GPU_CHECK_TIMEOUT_DDP:-130}" "$OUT/fit-ddp" "${FIT[@]}" "${DDP[@]}"
+stage fit "${GPU_CHECK_TIMEOUT_FIT:-90}" "$OUT/fit" "${FIT[@]}" "${DEVICE[@]}"
+stage fit-ddp "${GPU_CHECK_TIMEOUT_DDP:-120}" "$OUT/fit-ddp" "${FIT[@]}" "${DDP[@]}"
 stage bench "${GPU_CHECK_TIMEOUT_BENCH:-150}" "$REPO" \
     "$PYTHON" -m benchmarks.bench "${BENCH[@]}" --output "$OUT/bench.md"
 [[ $DRY_RUN == 1 ]] && exit 0
