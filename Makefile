@@ -2,10 +2,16 @@
 PYTHON ?= python
 DATA ?= data
 
-.PHONY: install test test-fast lint format bench experiments experiments-report train-mnist train-mnist-conditional tensorboard demo demo-screenshot clean test-scale slurm-up slurm-down
+.PHONY: install install-keep-torch constraints gpu-check test test-fast lint format bench experiments experiments-report train-mnist train-mnist-conditional tensorboard demo demo-screenshot clean test-scale slurm-up slurm-down
 
-install:  ## install the package with its test tools (torch pinned in pyproject.toml)
-	$(PYTHON) -m pip install -e ".[dev]"
+install:  ## the package and its test tools, at CI's exact versions (constraints/ci.txt; pyproject.toml has the ranges)
+	$(PYTHON) -m pip install -e ".[dev]" -c constraints/ci.txt
+
+install-keep-torch:  ## into an environment with its own torch (a cluster's CUDA build), never replacing it; EXTRAS=bench
+	PYTHON=$(PYTHON) scripts/install_keep_torch.sh $(EXTRAS)
+
+constraints:  ## rewrite constraints/ci.txt from this environment (run in the CI environment after an upgrade)
+	$(PYTHON) scripts/freeze_constraints.py
 
 test:  ## everything CI runs, slow tests included
 	$(PYTHON) -m pytest -q
@@ -13,8 +19,12 @@ test:  ## everything CI runs, slow tests included
 test-fast:  ## skip the tests marked slow while iterating
 	$(PYTHON) -m pytest -q -m "not slow"
 
-test-scale:  ## DDP, torchrun and SLURM launches, exact resume, failure modes (tests/test_scale.py)
-	$(PYTHON) -m pytest -q tests/test_scale.py
+test-scale:  ## presets and bf16, DDP, torchrun and SLURM launches, exact resume, atomic checkpoints, failure modes
+	$(PYTHON) -m pytest -q tests/test_presets.py tests/test_ddp.py tests/test_launchers.py tests/test_resume.py \
+	    tests/test_atomic_checkpoints.py tests/test_failures.py
+
+gpu-check:  ## CUDA + its own torch: install keeping torch, bf16 fit, DDP fit, bench; GPU_CHECK_ARGS="--data-root DIR"
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 slurm-up:  ## a two-node SLURM cluster on this machine (as root; installs slurm-wlm and munge when missing)
 	scripts/slurm_cluster.sh start

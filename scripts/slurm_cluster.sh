@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real two-node SLURM cluster on this one machine, for testing scripts/slurm/ddpm.sbatch (tests/test_scale.py).
+# A real two-node SLURM cluster on this one machine, for testing scripts/slurm/ddpm.sbatch (tests/test_launchers.py).
 #
 #   sudo scripts/slurm_cluster.sh install   # apt-get Debian's slurm-wlm and munge (needs the Debian mirror)
 #   sudo scripts/slurm_cluster.sh start     # configure + start munged, slurmctld and two slurmd; waits until idle

@@ -1,0 +1,45 @@
+"""DDP on one machine: Lightning's own launcher, two gloo processes on CPU; one model, sharded data, rank-zero
+writers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scaleout import (
+    PY,
+    assert_replicas_agree,
+    callback,
+    load_ckpt,
+    load_ranks,
+    only_run_dir,
+    recipe_args,
+    run_ok,
+    write_fragment,
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(shared_data, tmp_path):
+    """Lightning's own DDP launcher, 2 gloo processes, the conditional recipe, 2 accumulated batches per step."""
+    out, prepare_log = tmp_path / "ranks", tmp_path / "prepare.log"
+    probe = callback("scaleout.RankProbe", out_dir=str(out))
+    fragment = write_fragment(
+        tmp_path / "run.yaml", shared_data, extra_callbacks=(probe,), data_class="scaleout.CountingMNIST"
+    )
+    cmd = [PY, "-m", "ddpm_lightning.cli", "fit", *recipe_args("mnist_conditional.yaml", fragment)]
+    cmd += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    cmd += ["--trainer.accumulate_grad_batches=2"]
+    proc = run_ok(cmd, tmp_path, DDPM_TEST_PREPARE_LOG=str(prepare_log))
+    ranks = load_ranks(out, 2)
+    assert [(r["global_rank"], r["world_size"], r["global_step"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
+    assert_replicas_agree(ranks)
+    assert ranks[0]["grid"] is not None and ranks[1]["grid"] is None  # the grid is drawn and written by rank 0
+    assert len(prepare_log.read_text().split()) == 1  # data prepared (downloaded) by one process
+    assert "effective batch size 64 = 16 per device x 2 accumulated x 2 devices" in proc.stdout + proc.stderr
+    run = only_run_dir(tmp_path)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no second copy, no temporary file
+    assert [p.name for p in (run / "samples").iterdir()] == ["epoch=000.png"]
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    for name, value in ranks[0]["ema"].items():  # the checkpoint's state_dict is the EMA every rank holds
+        assert torch.equal(ckpt["state_dict"][name], value), name
