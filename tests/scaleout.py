@@ -140,7 +140,11 @@ def write_fragment(
     callbacks = [
         callback("ddpm_lightning.callbacks.EMA", decay=0.9),
         callback(
-            "ddpm_lightning.callbacks.SampleGrid", num_samples=4, samples_per_class=1, num_steps=2, trajectory_images=0
+            "ddpm_lightning.callbacks.SampleGrid",
+            num_samples=4,
+            samples_per_class=1,
+            sampling={"num_steps": 2},
+            trajectory_images=0,
         ),
         callback("lightning.pytorch.callbacks.ModelCheckpoint", save_last=True, every_n_train_steps=ckpt_every),
         *extra_callbacks,
