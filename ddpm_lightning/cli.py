@@ -57,6 +57,12 @@ class DDPMCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--untrained",
+            type=bool,
+            default=False,
+            help="validate/test without --ckpt_path: a randomly initialised network, on purpose",
+        )
         if self.model_class is DiffusionModule:
             # FID/KID/IS and conditional accuracy: always at `ddpm test`, during `fit` only if every_n_epochs is set
             parser.add_lightning_class_args(SampleMetrics, "metrics")
@@ -67,6 +73,21 @@ class DDPMCLI(LightningCLI):
             # nothing a user downloads can run code: checkpoints hold tensors and plain values only
             parser.set_defaults(weights_only=True)
         return parser
+
+    def _require_checkpoint(self) -> None:
+        """validate/test score a trained model: without --ckpt_path they would score random weights and exit 0."""
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") is None and not config.get("untrained"):
+            raise ValueError(
+                f"{self.parser.prog} {self.subcommand} needs --ckpt_path CKPT (a checkpoint of `ddpm fit`); "
+                "to score an untrained network on purpose, pass --untrained true"
+            )
+
+    def before_validate(self) -> None:
+        self._require_checkpoint()
+
+    def before_test(self) -> None:
+        self._require_checkpoint()
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyperparameters here, first (with weights_only=True): name a bad file here

@@ -38,21 +38,13 @@ def real_floor(study: dict[str, Any], ev: dict[str, Any], runs_dir: Path, data_r
     """FID/KID of N real *training* images against the evaluation's reference: what a perfect model would score
     with the same N (the finite-sample bias of FID). Cached in ``runs/floors/``."""
     from ddpm_lightning.cli import datamodule_from_recipe
-    from ddpm_lightning.metrics.evaluate import extract
-    from ddpm_lightning.metrics.evaluator import kid_subset_size
-    from ddpm_lightning.metrics.stats import FeatureStats, fid, kid
 
     key = floor_key(study, ev)
     path = runs_dir / "floors" / f"{digest(key)}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    ev_ = evaluator(ev)
     datamodule = datamodule_from_recipe(ROOT / study["base"][-1], data_root)
-    ref = ev_.reference("classifier", datamodule)
-    real, _ = datamodule.real_images("train", ev_.num_samples, seed=1)
-    feats, _ = extract(ev_.extractor("classifier", "cpu"), real)
-    k, _ = kid(feats, ref.features, subset_size=kid_subset_size(min(feats.shape[0], ref.num)))
-    floor = {**key, "fid_classifier": fid(FeatureStats.from_features(feats), ref), "kid_classifier": k}
+    floor = {**key, **evaluator(ev).real_floor(datamodule, "classifier")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(floor, indent=2))
     return floor

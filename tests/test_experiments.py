@@ -149,7 +149,7 @@ def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_da
         ({"base": "configs/nope.yaml"}, "base config 'configs/nope.yaml' does not exist"),
         ({"evaluations": {"e": {"weights": "swa"}}}, "unknown weights 'swa'; choose one of: ema, raw"),
         ({"evaluations": {"e": {"checkpoints": "best"}}}, "unknown checkpoints 'best'; choose one of: all, last"),
-        ({"evaluations": {"e": {"sampler": "euler"}}}, "'e': unknown sampler 'euler'; choose one of: ddpm, ddim"),
+        ({"evaluations": {"e": {"sampler": "bogus"}}}, "'e': unknown sampler 'bogus'; choose one of: ddpm, ddim"),
     ],
 )
 def test_bad_study_is_one_line_error(tmp_path, capsys, changes, message):

@@ -1,6 +1,13 @@
-"""``ddpm sweep``: sample quality (FID/KID, conditional accuracy) and seconds per sample against the sampling steps.
+"""``ddpm sweep``: sample quality (FID/KID, conditional accuracy) and seconds per sample against the sampling steps,
+or against the network evaluations (NFE) per sample, for several samplers on one checkpoint.
 
     ddpm sweep --config configs/mnist_conditional.yaml --ckpt_path CKPT --samplers ddim ddpm --steps 10 50 250
+    ddpm sweep --config configs/mnist_conditional.yaml --ckpt_path CKPT --samplers ddim dpmpp_2m heun unipc \
+        --nfe 10 20 50 100 --guidance_scale 3 --num_samples 1000
+
+NFE counts network evaluations per sample: a guided step evaluates the network on the conditional and the
+unconditional input (one batched forward pass of 2B), which counts two. Each sampler takes the most steps whose NFE
+fits the budget (Heun: 2 per step but the last); a budget a sampler cannot meet (DDPM below T) is skipped, said.
 
 The recipe gives the real data (its ``data`` section, built through the same parser and links as ``ddpm fit``) and
 the evaluation settings of its ``metrics`` section; flags override them.
@@ -29,6 +36,8 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--data_root", type=str | None, default=None, help="override data.root (download off)")
     parser.add_argument("--samplers", type=str, nargs="+", default=list(SAMPLERS), help=f"of {', '.join(SAMPLERS)}")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 250, 1000])
+    parser.add_argument("--nfe", type=int, nargs="+", default=None, help="NFE budgets per sample (instead of --steps)")
+    parser.add_argument("--floor", type=bool, default=True, help="also score N real images: the FID floor at this N")
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250)
@@ -47,11 +56,32 @@ def from_recipe(recipe: dict[str, Any], path: str) -> dict[str, Any]:
     return {"recipe": path, **{k: v for k, v in metrics.items() if k in EVALUATOR_KEYS}, **sampling}
 
 
-def plan(samplers: list[str], steps: list[int], base: SamplingConfig, num_timesteps: int) -> list[SamplingConfig]:
-    """The settings of each row: every sampler at every step count (capped at T), as the registry says a sampler
-    takes k steps (:meth:`SamplingConfig.at_steps`)."""
+def plan(
+    samplers: list[str], steps: list[int], base: SamplingConfig, num_timesteps: int
+) -> list[tuple[str, SamplingConfig]]:
+    """(sampler asked for, settings) of each row: every sampler at every step count (capped at T), as the registry
+    says a sampler takes k steps (:meth:`SamplingConfig.at_steps`)."""
     counts = sorted({min(s, num_timesteps) for s in steps})
-    return [base.replace(sampler=name).at_steps(k, num_timesteps) for name in samplers for k in counts]
+    return [(name, base.replace(sampler=name).at_steps(k, num_timesteps)) for name in samplers for k in counts]
+
+
+def plan_nfe(
+    samplers: list[str], budgets: list[int], base: SamplingConfig, num_timesteps: int, conditional: bool
+) -> list[tuple[str, SamplingConfig]]:
+    """(sampler, settings) of each row: every sampler at the most steps each NFE budget allows (one row per distinct
+    setting); budgets a sampler cannot meet are skipped with a note."""
+    rows: list[tuple[str, SamplingConfig]] = []
+    for name in samplers:
+        config = base.replace(sampler=name)
+        for budget in sorted(set(budgets)):
+            try:
+                row = (name, config.at_nfe(budget, num_timesteps, conditional))
+            except ValueError as err:
+                print(f"skipped: {err}", flush=True)
+                continue
+            if row not in rows:
+                rows.append(row)
+    return rows
 
 
 def run(cfg: Namespace) -> list[dict]:
@@ -59,48 +89,61 @@ def run(cfg: Namespace) -> list[dict]:
 
     model = DiffusionModule.from_checkpoint(cfg.ckpt_path, cfg.device)
     datamodule = datamodule_from_recipe(cfg.recipe, data_root=cfg.data_root)
-    T = model.diffusion.num_timesteps
+    T, conditional = model.diffusion.num_timesteps, model.conditional
     base = sampling_from(cfg, model.sampling)
+    if cfg.nfe:
+        settings = plan_nfe(cfg.samplers, cfg.nfe, base, T, conditional)
+    else:
+        settings = plan(cfg.samplers, cfg.steps, base, T)
+    evaluator_args = {k: cfg[k] for k in EVALUATOR_KEYS}
     rows = []
-    for requested, sampling in zip(_labels(cfg, T), plan(cfg.samplers, cfg.steps, base, T)):
-        evaluator = Evaluator(sampling=sampling, **{k: cfg[k] for k in EVALUATOR_KEYS})
-        res = evaluator.evaluate(model, datamodule, progress=True)
-        rows.append({"sampler": requested[0], "steps": requested[1], **res})
+    for name, sampling in settings:
+        res = Evaluator(sampling=sampling, **evaluator_args).evaluate(model, datamodule, progress=True)
+        steps = sampling.steps(T)
+        rows.append({"sampler": name, "steps": steps, "nfe": sampling.nfe(T, conditional), **res})
+        rows[-1]["settings"] = sampling.to_dict()
         print(format_row(rows[-1]), flush=True)
+    floor = Evaluator(**evaluator_args).real_floor(datamodule, cfg.extractors[0]) if cfg.floor else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"settings": cfg.as_dict(), "rows": rows}, indent=2))
-    plot_sweep(rows, cfg.extractors[0], out / "sweep.png")
+    payload = {"settings": cfg.as_dict(), "floor": floor, "rows": rows}
+    (out / "sweep.json").write_text(json.dumps(payload, indent=2))
+    plot_sweep(rows, cfg.extractors[0], out / "sweep.png", by="nfe" if cfg.nfe else "steps", floor=floor)
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
     return rows
-
-
-def _labels(cfg: Namespace, num_timesteps: int) -> list[tuple[str, int]]:
-    return [(name, k) for name in cfg.samplers for k in sorted({min(s, num_timesteps) for s in cfg.steps})]
 
 
 def format_row(row: dict) -> str:
     keys = [k for k in row if k.startswith(("fid_", "kid_", "cond_acc")) and not k.endswith("_std")]
     metrics = "  ".join(f"{k}={row[k]:.4g}" for k in keys)
     seconds = row["sample_seconds_per_1k"] / 1000
-    return f"{row['sampler']:>5} {row['steps']:>5} steps  {metrics}  {seconds:.4f} s/sample"
+    return f"{row['sampler']:>12} {row['steps']:>5} steps {row['nfe']:>5} NFE  {metrics}  {seconds:.4f} s/sample"
 
 
-def plot_sweep(rows: list[dict], extractor: str, path: Path) -> None:
+def plot_sweep(rows: list[dict], extractor: str, path: Path, by: str = "steps", floor: dict | None = None) -> None:
+    """FID (with the real-data floor), conditional accuracy (when there is one) and seconds per sample against
+    ``by`` (steps or nfe), one line per sampler."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [(f"fid_{extractor}", f"FID ({extractor})", "linear")]
+    if any("cond_acc" in r for r in rows):
+        panels.append(("cond_acc", "conditional accuracy", "linear"))
+    panels.append(("seconds", "seconds per sample", "log"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    label = "network evaluations per sample (NFE)" if by == "nfe" else "sampling steps"
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
         rs = [r for r in rows if r["sampler"] == sampler]
-        steps = [r["steps"] for r in rs]
-        ax1.plot(steps, [r[f"fid_{extractor}"] for r in rs], marker="o", label=sampler)
-        ax2.plot(steps, [r["sample_seconds_per_1k"] / 1000 for r in rs], marker="o", label=sampler)
-    ax1.set(xscale="log", xlabel="sampling steps", ylabel=f"FID ({extractor})", title="quality vs steps")
-    ax2.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="seconds per sample", title="cost vs steps")
-    for ax in (ax1, ax2):
+        xs = [r[by] for r in rs]
+        for ax, (key, _, _) in zip(axes, panels):
+            ys = [r["sample_seconds_per_1k"] / 1000 if key == "seconds" else r.get(key) for r in rs]
+            ax.plot(xs, ys, marker="o", label=sampler)
+    if floor is not None and f"fid_{extractor}" in floor:
+        axes[0].axhline(floor[f"fid_{extractor}"], color="gray", linestyle="--", label="real data (floor)")
+    for ax, (_, title, yscale) in zip(axes, panels):
+        ax.set(xscale="log", yscale=yscale, xlabel=label, title=title)
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -119,6 +119,16 @@ class Evaluator:
         ex = self.extractor(kind, device)
         return reference_stats(datamodule, self.reference_split, self.reference_num, ex, self.cache_dir)[0]
 
+    def real_floor(self, datamodule: ImageDataModule, kind: str = "classifier", seed: int = 1) -> dict[str, float]:
+        """FID/KID of N real *training* images against the reference: what a perfect model scores at this N (the
+        finite-sample bias of FID), the floor to read every FID against."""
+        ex = self.extractor(kind, "cpu")
+        ref = self.reference(kind, datamodule)
+        real, _ = datamodule.real_images("train", self.num_samples, seed=seed)
+        feats, _ = extract(ex, real)
+        k, _ = kid(feats, ref.features, subset_size=kid_subset_size(min(feats.shape[0], ref.num)))
+        return {f"fid_{kind}": fid(FeatureStats.from_features(feats), ref), f"kid_{kind}": k}
+
     def evaluate(
         self,
         model: Any,
