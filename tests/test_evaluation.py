@@ -142,6 +142,62 @@ def test_sample_command_bad_input(tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("ddpm: error:") and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--guidance_scale=-1"], "guidance_scale must be >= 0"),
+        (["--sampler=plms"], "unknown sampler 'plms'; choose one of: ddpm, ddim, dpmpp_2m"),
+        (["--sampler=ddim", "--spacing=karras"], "spacing applies to the solvers"),
+        (["--sampler=dpmpp_2m", "--num_steps=100"], "num_steps must be an integer in [1, 99]"),
+    ],
+)
+def test_sample_command_refuses_bad_sampling_in_one_line(tiny_checkpoint, tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", f"--ckpt_path={tiny_checkpoint}", "--num_samples=2", f"--out_dir={tmp_path}", *flags])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar, one line
+    assert e.value.code == 2 and last.startswith("ddpm: error:") and needle in last, last
+
+
+def test_sample_command_with_a_fast_solver(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "fast"
+    main(["sample", f"--ckpt_path={tiny_checkpoint}", "--num_samples=4", f"--out_dir={out}"]
+         + ["--sampler=dpmpp_2m", "--num_steps=10", "--guidance_scale=3", "--trajectory_images=2"])  # fmt: skip
+    assert "20 NFE/sample" in capsys.readouterr().out  # 10 guided steps: conditional and unconditional halves
+    settings = json.loads(str(np.load(out / "samples.npz")["settings"]))["sampling"]
+    assert settings["sampler"] == "dpmpp_2m" and settings["num_steps"] == 10
+    assert len(list((out / "png").glob("*.png"))) == 4 and (out / "trajectory.png").is_file()
+
+
+def test_sweep_by_nfe_plots_quality_accuracy_and_time(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = tmp_path / "nfe"
+    main(
+        ["sweep", f"--config={CONFIG}", f"--ckpt_path={tiny_checkpoint}", f"--data_root={shared_data}"]
+        + ["--samplers", "ddim", "dpmpp_2m", "heun", "--nfe", "6", "10", "--guidance_scale=3", "--num_samples=20"]
+        + [f"--out_dir={out}"]
+    )
+    result = json.loads((out / "sweep.json").read_text())
+    rows = result["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("ddim", 3, 6),
+        ("ddim", 5, 10),
+        ("dpmpp_2m", 3, 6),
+        ("dpmpp_2m", 5, 10),
+        ("heun", 2, 6),
+        ("heun", 3, 10),
+    ]  # guided: two evaluations per step; heun: two per step but the last
+    assert all(0 <= r["cond_acc"] <= 1 and r["fid_classifier"] > result["floor"]["fid_classifier"] for r in rows)
+    assert (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_test_without_a_checkpoint_is_refused_unless_asked(shared_data, capsys):
+    args = ["test", f"--config={CONFIG}", *_data_args(shared_data), *TINY_MODEL_ARGS, "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs --ckpt_path" in err and "--untrained true" in err
+
+
 def test_sweep_command_table_json_and_plot(tiny_checkpoint, shared_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -1,0 +1,123 @@
+"""The one sampling surface: SamplingConfig validation, the registry's NFE accounting, YAML and command-line reading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO
+
+from ddpm_lightning.cli import main
+from ddpm_lightning.commands import COMMANDS
+from ddpm_lightning.diffusion import GaussianDiffusion
+from ddpm_lightning.metrics.evaluator import kid_subset_size
+from ddpm_lightning.metrics.stats import kid
+from ddpm_lightning.sampling import SAMPLERS, SamplingConfig, sample
+from ddpm_lightning.schedules import make_betas
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"sampler": "plms"}, "unknown sampler 'plms'; choose one of: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, unipc"),
+        ({"variance": "learned"}, "unknown variance 'learned'; choose one of: fixed_small, fixed_large"),
+        ({"sampler": "heun", "spacing": "log"}, "unknown spacing 'log'; choose one of: uniform, trailing, karras"),
+        ({"sampler": "ddim", "spacing": "karras"}, "spacing applies to the solvers (dpmpp_2m"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+        ({"num_steps": 0}, "num_steps must be an integer >= 1"),
+        ({"num_steps": 2.5}, "num_steps must be an integer >= 1"),
+        ({"eta": -0.1}, "eta must be >= 0"),
+        ({"steps": 10}, "unknown sampling setting 'steps'; choose from: sampler, num_steps"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_naming_the_allowed_values(settings, needle):
+    with pytest.raises(ValueError) as info:
+        SamplingConfig.of(settings)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_nfe_counts_every_network_evaluation():
+    T = 1000
+    assert SamplingConfig(sampler="ddim", num_steps=50).nfe(T) == 50
+    assert SamplingConfig(sampler="ddpm", num_steps=50).nfe(T) == T  # DDPM runs all T steps
+    assert SamplingConfig(sampler="heun", num_steps=10).nfe(T) == 19  # the last step is Euler
+    guided = SamplingConfig(sampler="dpmpp_2m", num_steps=10, guidance_scale=3.0)
+    assert guided.nfe(T, conditional=True) == 20 and guided.nfe(T, conditional=False) == 10
+    for w in (0.0, 1.0):  # one pass: unconditional, or plainly conditional
+        assert guided.replace(guidance_scale=w).nfe(T, conditional=True) == 10
+    assert guided.at_nfe(20, T, conditional=True).num_steps == 10
+    assert SamplingConfig(sampler="heun").at_nfe(19, T).num_steps == 10
+    with pytest.raises(ValueError, match="an NFE budget for ddpm must be an integer >= 1000"):
+        SamplingConfig(sampler="ddpm").at_nfe(50, T)
+
+
+def test_every_registered_sampler_counts_the_evaluations_it_makes():
+    """The registry's nfe is what a sampler actually spends: count the calls of the denoiser."""
+    d = GaussianDiffusion(make_betas("linear", 50))
+    for name in SAMPLERS:
+        config = SamplingConfig(sampler=name, num_steps=7)
+        calls: list[int] = []
+
+        def denoise(x, t, calls=calls):
+            calls.append(1)
+            return 0.1 * x
+
+        sample(denoise, d, (2, 1, 4, 4), config, generator=torch.Generator())
+        assert len(calls) == config.nfe(d.num_timesteps), name
+
+
+def test_sweep_plans_follow_the_registry():
+    from ddpm_lightning.commands.sweep import plan, plan_nfe
+
+    base = SamplingConfig(guidance_scale=3.0)
+    rows = plan(["ddim", "ddpm"], [10, 100], base, 100)
+    # DDPM at k < T steps is DDIM with eta = 1 on the k-step sub-sequence; at T it is DDPM itself
+    assert [(n, c.sampler, c.steps(100), c.eta) for n, c in rows] == [
+        ("ddim", "ddim", 10, 0.0),
+        ("ddim", "ddim", 100, 0.0),
+        ("ddpm", "ddim", 10, 1.0),
+        ("ddpm", "ddpm", 100, 0.0),
+    ]
+    rows = plan_nfe(["heun", "dpmpp_2m", "ddpm"], [10, 20, 21], base, 1000, conditional=True)
+    assert [(n, c.num_steps, c.nfe(1000, True)) for n, c in rows] == [
+        ("heun", 3, 10),
+        ("heun", 5, 18),
+        ("dpmpp_2m", 5, 10),
+        ("dpmpp_2m", 10, 20),
+    ]  # heun at 21 is heun at 20 (5 steps, 18 NFE): one row; DDPM needs 2T: skipped
+
+
+def test_kid_std_is_a_real_spread_when_subsets_are_smaller_than_n():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=gen), torch.randn(200, 8, generator=gen) + 0.5
+    _, std_whole = kid(a, b, subset_size=200)  # every subset is the whole set
+    _, std = kid(a, b, subset_size=kid_subset_size(200))
+    assert std_whole < 1e-9 < 1e-4 < std and kid_subset_size(200) == 100 and kid_subset_size(5000) == 1000
+
+
+def test_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS), out
+
+
+def test_sample_reads_the_recipe_sampling_section(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", f"--config={REPO / 'configs' / 'mnist_conditional.yaml'}", "--ckpt_path=x", "--print_config"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "guidance_scale: 3.0" in printed and "num_steps: 25" in printed and "ckpt_path: x" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["sweep", "--ckpt_path=x"], "recipe"),
+        (["sample"], "ckpt_path"),
+        (["bogus"], "unknown command 'bogus'; choose one of: fit, validate, test"),
+    ],
+)
+def test_bad_command_lines_are_one_line_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("ddpm: error:") and needle in err and err.count("\n") == 1, err
