@@ -31,7 +31,7 @@ from ddpm_lightning.module import DiffusionModule
 
 Precision = Literal["fp32", "bf16"]
 #: model arguments of a recipe that are not the network or the diffusion (the bench runs a fixed-rate step)
-NOT_MODEL_SHAPE = ("optimizer", "lr_scheduler", "lr_scheduler_interval", "warmup_steps")
+NOT_MODEL_SHAPE = ("optimizer", "lr_scheduler", "lr_scheduler_interval", "warmup_steps", "sampling")
 #: optimizer arguments that choose how the update is computed, not what it computes: ours takes the recipe's; the
 #: peers run as their examples do (torch's default: a per-parameter loop on CPU, foreach on CUDA)
 OPTIMIZER_SWITCHES = ("fused", "foreach", "capturable")

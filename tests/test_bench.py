@@ -103,3 +103,21 @@ def test_tiny_ablation_prints_every_variant(tmp_path, shared_data):
     cells = [c.strip() for c in line.strip("|").split("|")]
     rounds = [float(v) for v in cells[-1].split(", ")]
     assert float(cells[2]) == pytest.approx(sum(rounds) / 2, rel=0.01)
+
+
+def test_fast_sampling_benchmark_times_every_row_and_writes_the_table(tmp_path, capsys):
+    """The equal-quality timing script on the tiny shape: ours fast, ours DDIM-50 and diffusers' pipeline."""
+    pytest.importorskip("diffusers")
+    from benchmarks import fast_sampling
+
+    out = tmp_path / "FAST.md"
+    argv = ["--shape", "tiny", "--batch", "1", "--rounds", "1", "--impls", "ours", "diffusers", "--output", str(out)]
+    assert fast_sampling.main(argv) == 0
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| diffusers")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "ours, dpmpp_2m10",
+        "ours, ddim50",
+        "diffusers, DDIM-50 pipeline",
+    ]
+    assert [int(r.split("|")[2]) for r in rows] == [10, 50, 50] and rows[0].endswith("| 1.0x |")
