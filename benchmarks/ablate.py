@@ -345,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
     machine["busy_after"] = measure.busy_processes()
     text = render(results, machine, args, sys.argv[1:] if argv is None else argv)
-    print(text)
-    if args.output:
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+    report.emit(text, args.output)
     return 0
 
 

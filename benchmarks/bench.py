@@ -196,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["busy_after"] = measure.busy_processes()
     limit, limit_name = report.limit(device, args.precision, limits)
     text = report.render(shapes, machine, limit, limit_name, limits, args, sys.argv[1:] if argv is None else argv)
-    print(text)
-    if args.output:
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+    report.emit(text, args.output)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import measure
+from benchmarks import measure, report
 from benchmarks.bench import REPO, SHAPES, resolve_device, rotated
 from benchmarks.impls import Impl, Ours, build_impls, load_shape
 from ddpm_lightning.sampling import SamplingConfig
@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         s = statistics.median(seconds[name])
         lines.append(f"| {name} | {nfe} | {s:.4f} | {s / fast_s:.1f}x |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+    report.emit(text, args.output)
     return 0
 
 

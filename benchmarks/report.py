@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import shlex
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,3 +171,11 @@ def render(shapes: list[dict], machine: dict, limit_flops: float, limit_name: st
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def emit(text: str, output: Path | None) -> None:
+    """Print a report and, when asked, write it to ``output``."""
+    print(text)
+    if output:
+        output.write_text(text)
+        print(f"wrote {output}")

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ddpm_lightning.nn.unet import SHAPE_OPTIONS
+
 if TYPE_CHECKING:
     from ddpm_lightning.module import DiffusionModule
 
 #: hyperparameters of DiffusionModule shown in the card's recipe table, in this order
 RECIPE_KEYS = (
-    "base_channels",
-    "channel_mults",
-    "num_res_blocks",
-    "attention_resolutions",
-    "dropout",
-    "num_heads",
-    "num_groups",
+    *SHAPE_OPTIONS,
     "schedule",
     "schedule_params",
     "num_timesteps",

@@ -38,7 +38,7 @@ def randn(
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
-def _initial_noise(
+def initial_noise(
     shape: Sequence[int],
     x_T: Tensor | None,
     generator: Generators,
@@ -93,7 +93,7 @@ def ddpm_sample(
     if device is None:
         device = x_T.device if x_T is not None else diffusion.betas.device
     with torch.inference_mode():
-        x = _initial_noise(shape, x_T, generator, device)
+        x = initial_noise(shape, x_T, generator, device)
         trajectory = [x] if return_trajectory else None
         steps = range(diffusion.num_timesteps - 1, -1, -1)
         for i in tqdm(steps, desc="DDPM", disable=not progress):
@@ -166,7 +166,7 @@ def ddim_sample(
     # num_steps=1) lands on clean data, abar = 1
     alphas_cumprod_prev = torch.cat([alphas_cumprod[timesteps[1:].to(device)], alphas_cumprod.new_ones(1)])
     with torch.inference_mode():
-        x = _initial_noise(shape, x_T, generator, device)
+        x = initial_noise(shape, x_T, generator, device)
         trajectory = [x] if return_trajectory else None
         for i, step_t in enumerate(tqdm(timesteps.tolist(), desc="DDIM", disable=not progress)):
             t = torch.full((x.shape[0],), step_t, device=device, dtype=torch.long)

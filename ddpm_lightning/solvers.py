@@ -18,28 +18,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, randn
+from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, initial_noise, randn
 from ddpm_lightning.spacings import SolverSchedule, Spacing, solver_schedule
 
 
 # -- shared step machinery -------------------------------------------------------------------------------------------
-def _initial_noise(
-    shape: Sequence[int], x_T: Tensor | None, generator: Generators, device: torch.device | str | None
-) -> Tensor:
-    """x_T (B, C, H, W): the given one, or N(0, I) drawn with ``generator`` on ``device``."""
-    if x_T is not None:
-        if tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-        return x_T.to(device) if device is not None else x_T
-    return randn(shape, generator, device)
-
-
 def _data_prediction(
     denoise_fn: DenoiseFn, diffusion: GaussianDiffusion, x: Tensor, schedule: SolverSchedule, i: int, clip_x0: bool
 ) -> Tensor:
@@ -65,7 +55,7 @@ def _run(
     if device is None:
         device = x_T.device if x_T is not None else diffusion.betas.device
     with torch.inference_mode():
-        x = _initial_noise(shape, x_T, generator, device)
+        x = initial_noise(shape, x_T, generator, device)
         trajectory = [x] if return_trajectory else None
         for i in tqdm(range(len(schedule)), desc=name, disable=not progress):
             x = step_fn(x, i)
@@ -75,22 +65,47 @@ def _run(
 
 
 # -- DPM-Solver++(2M) and its SDE variant ----------------------------------------------------------------------------
-def _dpmpp_2m(
+def dpmpp_2m_sample(
     denoise_fn: DenoiseFn,
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
     *,
-    sde: bool,
-    num_steps: int,
-    spacing: Spacing,
-    generator: Generators,
-    device: torch.device | str | None,
-    clip_x0: bool,
-    x_T: Tensor | None,
-    return_trajectory: bool,
-    progress: bool,
+    num_steps: int = 20,
+    spacing: Spacing = "uniform",
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    clip_x0: bool = True,
+    x_T: Tensor | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+    sde: bool = False,
 ) -> SampleOutput:
-    """Multistep DPM-Solver++ in data prediction (Lu et al. 2022b, arXiv 2211.01095, Algorithm 2), ODE or SDE."""
+    """DPM-Solver++(2M) (Lu et al. 2022b, arXiv 2211.01095, Algorithm 2): the deterministic probability-flow ODE,
+    multistep second order in the data prediction x0, one network evaluation per step.
+
+    The first step is first order (no previous x0), and so is the last, to sigma=0, which returns that step's x0
+    (diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+    final_sigmas_type="zero")).
+
+    Args:
+        denoise_fn: (x_t, t) -> model output in diffusion.prediction_type; t is (B,) long (see the module docstring).
+        diffusion: the process (schedule buffers on ``device``).
+        shape: (B, C, H, W).
+        num_steps: steps = network evaluations, in [1, T-1] for "uniform", [1, T] otherwise.
+        spacing: "uniform", "trailing" or "karras" (:func:`~ddpm_lightning.spacings.solver_schedule`).
+        generator: source of x_T, one for the batch or one per sample; on ``device``.
+        device: where to sample; default x_T's device, else the diffusion buffers' device.
+        clip_x0: clamp each predicted x0 to [-1, 1] before the solver uses it.
+        x_T: starting noise (B, C, H, W); drawn from N(0, I) with ``generator`` if None.
+        return_trajectory: also return every state.
+        progress: show a tqdm bar.
+
+    Returns:
+        samples (B, C, H, W), or (samples, trajectory), trajectory (num_steps + 1, B, C, H, W): the VP states x_t
+        from x_T to the samples.
+
+    ``sde=True`` is :data:`dpmpp_2m_sde_sample`.
+    """
     schedule = solver_schedule(diffusion, num_steps, spacing, "multistep")
     history: dict[str, float | Tensor] = {}  # the previous step's x0 and h
 
@@ -119,75 +134,12 @@ def _dpmpp_2m(
     return _run(step, schedule, shape, x_T, generator, device, diffusion, return_trajectory, progress, name)
 
 
-def dpmpp_2m_sample(
-    denoise_fn: DenoiseFn,
-    diffusion: GaussianDiffusion,
-    shape: Sequence[int],
-    *,
-    num_steps: int = 20,
-    spacing: Spacing = "uniform",
-    generator: Generators = None,
-    device: torch.device | str | None = None,
-    clip_x0: bool = True,
-    x_T: Tensor | None = None,
-    return_trajectory: bool = False,
-    progress: bool = False,
-) -> SampleOutput:
-    """DPM-Solver++(2M) (Lu et al. 2022b, arXiv 2211.01095, Algorithm 2): the deterministic probability-flow ODE,
-    multistep second order in the data prediction x0, one network evaluation per step.
-
-    The first step is first order (no previous x0), and so is the last, to sigma=0, which returns that step's x0
-    (diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
-    final_sigmas_type="zero")).
-
-    Args:
-        denoise_fn: (x_t, t) -> model output in diffusion.prediction_type; t is (B,) long (see the module docstring).
-        diffusion: the process (schedule buffers on ``device``).
-        shape: (B, C, H, W).
-        num_steps: steps = network evaluations, in [1, T-1] for "uniform", [1, T] otherwise.
-        spacing: "uniform", "trailing" or "karras" (:func:`~ddpm_lightning.spacings.solver_schedule`).
-        generator: source of x_T, one for the batch or one per sample; on ``device``.
-        device: where to sample; default x_T's device, else the diffusion buffers' device.
-        clip_x0: clamp each predicted x0 to [-1, 1] before the solver uses it.
-        x_T: starting noise (B, C, H, W); drawn from N(0, I) with ``generator`` if None.
-        return_trajectory: also return every state.
-        progress: show a tqdm bar.
-
-    Returns:
-        samples (B, C, H, W), or (samples, trajectory), trajectory (num_steps + 1, B, C, H, W): the VP states x_t
-        from x_T to the samples.
-    """
-    return _dpmpp_2m(
-        denoise_fn, diffusion, shape, sde=False, num_steps=num_steps, spacing=spacing, generator=generator,
-        device=device, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory, progress=progress,
-    )  # fmt: skip
-
-
-def dpmpp_2m_sde_sample(
-    denoise_fn: DenoiseFn,
-    diffusion: GaussianDiffusion,
-    shape: Sequence[int],
-    *,
-    num_steps: int = 20,
-    spacing: Spacing = "uniform",
-    generator: Generators = None,
-    device: torch.device | str | None = None,
-    clip_x0: bool = True,
-    x_T: Tensor | None = None,
-    return_trajectory: bool = False,
-    progress: bool = False,
-) -> SampleOutput:
-    """SDE-DPM-Solver++(2M): the multistep data-prediction solver of the reverse SDE (Lu et al. 2022b), as diffusers'
-    DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint").
-
-    Each step but the last adds sigma_t sqrt(1 - e^{-2h}) z, z ~ N(0, I) drawn with ``generator`` (per sample
-    when it is a list) after x_T, one draw per step; the last step, to sigma=0, returns its x0 and draws nothing.
-    Args and returns as :func:`dpmpp_2m_sample`.
-    """
-    return _dpmpp_2m(
-        denoise_fn, diffusion, shape, sde=True, num_steps=num_steps, spacing=spacing, generator=generator,
-        device=device, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory, progress=progress,
-    )  # fmt: skip
+#: :func:`dpmpp_2m_sample` with sde=True.
+#: SDE-DPM-Solver++(2M), the multistep data-prediction solver of the reverse SDE (Lu et al. 2022b), as diffusers'
+#: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint"). Each
+#: step but the last adds sigma_t sqrt(1 - e^{-2h}) z, z ~ N(0, I) drawn with ``generator`` (per sample when it
+#: is a list) after x_T, one draw per step; the last step, to sigma=0, returns its x0 and draws nothing.
+dpmpp_2m_sde_sample = partial(dpmpp_2m_sample, sde=True)
 
 
 # -- UniPC -----------------------------------------------------------------------------------------------------------
@@ -275,22 +227,30 @@ def unipc_sample(
 
 
 # -- Euler and Heun (Karras et al. 2022) -----------------------------------------------------------------------------
-def _karras_ode(
+def heun_sample(
     denoise_fn: DenoiseFn,
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
     *,
-    heun: bool,
-    num_steps: int,
-    spacing: Spacing,
-    generator: Generators,
-    device: torch.device | str | None,
-    clip_x0: bool,
-    x_T: Tensor | None,
-    return_trajectory: bool,
-    progress: bool,
+    num_steps: int = 18,
+    spacing: Spacing = "karras",
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    clip_x0: bool = True,
+    x_T: Tensor | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+    heun: bool = True,
 ) -> SampleOutput:
-    """Karras et al. 2022 Algorithm 1 (S_churn = 0): Euler / Heun steps in sigma on dx_ve/dsigma = (x_ve - x0) / sigma
+    """Heun's 2nd-order sampler of Karras et al. 2022 (EDM, Algorithm 1, deterministic: S_churn = 0) on the discrete
+    model's noise levels, as diffusers' HeunDiscreteScheduler; 2 num_steps - 1 network evaluations (the last step,
+    to sigma = 0, is Euler). The default 18 steps (35 evaluations) is EDM's CIFAR-10 setting.
+
+    denoise_fn gets a float (B,) t for "uniform" and "karras" spacing (between the discrete timesteps), long for
+    "trailing". Args and returns as :func:`dpmpp_2m_sample`, with num_steps in [1, T].
+
+    ``heun=False`` is :data:`euler_sample`. How the steps are computed: Karras et al. 2022 Algorithm 1 (S_churn =
+    0): Euler / Heun steps in sigma on dx_ve/dsigma = (x_ve - x0) / sigma
     (eq. 3), x_ve = x / alpha, written in the VP state with the data prediction so that no term grows with sigma.
 
     With the slope d = (x_ve - x0) / sigma, the Euler step x_ve' = x_ve + (sigma' - sigma) d is the convex combination
@@ -315,52 +275,6 @@ def _karras_ode(
                 "Heun" if heun else "Euler")  # fmt: skip
 
 
-def heun_sample(
-    denoise_fn: DenoiseFn,
-    diffusion: GaussianDiffusion,
-    shape: Sequence[int],
-    *,
-    num_steps: int = 18,
-    spacing: Spacing = "karras",
-    generator: Generators = None,
-    device: torch.device | str | None = None,
-    clip_x0: bool = True,
-    x_T: Tensor | None = None,
-    return_trajectory: bool = False,
-    progress: bool = False,
-) -> SampleOutput:
-    """Heun's 2nd-order sampler of Karras et al. 2022 (EDM, Algorithm 1, deterministic: S_churn = 0) on the discrete
-    model's noise levels, as diffusers' HeunDiscreteScheduler; 2 num_steps - 1 network evaluations (the last step,
-    to sigma = 0, is Euler). The default 18 steps (35 evaluations) is EDM's CIFAR-10 setting.
-
-    denoise_fn gets a float (B,) t for "uniform" and "karras" spacing (between the discrete timesteps), long for
-    "trailing". Args and returns as :func:`dpmpp_2m_sample`, with num_steps in [1, T].
-    """
-    return _karras_ode(
-        denoise_fn, diffusion, shape, heun=True, num_steps=num_steps, spacing=spacing, generator=generator,
-        device=device, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory, progress=progress,
-    )  # fmt: skip
-
-
-def euler_sample(
-    denoise_fn: DenoiseFn,
-    diffusion: GaussianDiffusion,
-    shape: Sequence[int],
-    *,
-    num_steps: int = 50,
-    spacing: Spacing = "karras",
-    generator: Generators = None,
-    device: torch.device | str | None = None,
-    clip_x0: bool = True,
-    x_T: Tensor | None = None,
-    return_trajectory: bool = False,
-    progress: bool = False,
-) -> SampleOutput:
-    """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, eq. 3 and Algorithm 1 without the
-    correction), as diffusers' EulerDiscreteScheduler; one network evaluation per step. Karras spacing by default,
-    as :func:`heun_sample` (diffusers' own default is "uniform"). Args and returns as :func:`heun_sample`.
-    """
-    return _karras_ode(
-        denoise_fn, diffusion, shape, heun=False, num_steps=num_steps, spacing=spacing, generator=generator,
-        device=device, clip_x0=clip_x0, x_T=x_T, return_trajectory=return_trajectory, progress=progress,
-    )  # fmt: skip
+#: Euler steps on the same sigmas (Karras et al. 2022, Algorithm 1 without the correction): :func:`heun_sample`
+#: with heun=False, 50 steps by default.
+euler_sample = partial(heun_sample, heun=False, num_steps=50)
