@@ -171,7 +171,7 @@ def time_ema_updates(shape: Shape, device: torch.device, repeats: int = 5) -> di
         for a, c in zip(avg, cur):  # one kernel per parameter, as AveragedModel's default and diffusers' EMAModel
             a.lerp_(c, 1.0 - 0.999)
 
-    fns: dict[str, Callable] = {"per-parameter loop": loop, "foreach lerp (ours)": ema._multi_avg}
+    fns: dict[str, Callable] = {"per-parameter loop": loop, "foreach lerp (ours)": ema.multi_avg}
     n = torch.tensor(100)
     return _ms_per_call({k: partial(fn, averaged, current, n) for k, fn in fns.items()}, device, repeats)
 

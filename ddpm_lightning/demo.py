@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ddpm_lightning.images import grid, to_hwc, trajectory_strip
 from ddpm_lightning.module import DiffusionModule
-from ddpm_lightning.sampling import DEFAULT_SAMPLER, SAMPLERS, SamplingConfig, choice_error
+from ddpm_lightning.sampling import SAMPLERS, SamplingConfig, choice_error
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -187,22 +187,23 @@ def build_app(model: DiffusionModule, out_dir: Path, max_batch: int = DEFAULT_MA
 def _settings(gr: Any, model: DiffusionModule, max_batch: int) -> list:
     """The input components, in the order of the ``generate`` endpoint's arguments."""
     num_timesteps, num_classes = model.diffusion.num_timesteps, model.hparams.num_classes
+    default = model.sampling  # the recipe's model.sampling: the page opens on the setting the recipe chose
     choices = [("all classes in turn", ALL_CLASSES)] + [(str(k), str(k)) for k in range(num_classes)]
     return [
         gr.Dropdown(choices, value=ALL_CLASSES, label="class", visible=model.conditional, elem_id="label"),
-        gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="sampler", elem_id="sampler"),
+        gr.Radio(list(SAMPLERS), value=default.sampler, label="sampler", elem_id="sampler"),
         gr.Slider(
             1,
             num_timesteps,
-            value=min(50, num_timesteps),
+            value=min(default.num_steps, num_timesteps),
             step=1,
             label="steps",
-            info=f"DDIM steps; DDPM always runs all T = {num_timesteps}",
+            info=f"sampling steps; DDPM always runs all T = {num_timesteps}",
             elem_id="steps",
         ),
         gr.Slider(
             *GUIDANCE_RANGE,
-            value=1.0,
+            value=min(max(default.guidance_scale, GUIDANCE_RANGE[0]), GUIDANCE_RANGE[1]),
             step=0.5,
             label="guidance scale",
             info="1 = plain conditional, 0 = unconditional",

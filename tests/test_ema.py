@@ -20,7 +20,7 @@ def test_decay_warmup_closed_form():
 def test_update_matches_recurrence(warmup):
     ema = EMA(decay=0.9, warmup=warmup)
     net = torch.nn.Linear(3, 2)
-    avg = AveragedModel(net, multi_avg_fn=ema._multi_avg, use_buffers=True)
+    avg = AveragedModel(net, multi_avg_fn=ema.multi_avg, use_buffers=True)
     expected = [p.detach().clone() for p in net.parameters()]  # the first update copies the weights
     avg.update_parameters(net)
     gen = torch.Generator().manual_seed(0)

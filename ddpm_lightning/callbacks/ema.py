@@ -53,7 +53,7 @@ class EMA(WeightAveraging):
         self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
-        super().__init__(use_buffers=True, multi_avg_fn=self._multi_avg)
+        super().__init__(use_buffers=True, multi_avg_fn=self.multi_avg)
         self._swapped_in = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -67,7 +67,7 @@ class EMA(WeightAveraging):
         finally:
             pl_module.__dict__.update(held)
 
-    def _multi_avg(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+    def multi_avg(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         d = ema_decay(self.decay, int(num_averaged), self.warmup)
         float_avg = [a for a in averaged if a.is_floating_point()]
         float_cur = [c for a, c in zip(averaged, current) if a.is_floating_point()]
