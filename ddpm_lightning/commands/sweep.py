@@ -38,6 +38,7 @@ def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 250, 1000])
     parser.add_argument("--nfe", type=int, nargs="+", default=None, help="NFE budgets per sample (instead of --steps)")
     parser.add_argument("--floor", type=bool, default=True, help="also score N real images: the FID floor at this N")
+    parser.add_argument("--append", type=bool, default=False, help="add these rows to out_dir's sweep.json and re-plot")
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250)
@@ -106,6 +107,9 @@ def run(cfg: Namespace) -> list[dict]:
     floor = Evaluator(**evaluator_args).real_floor(datamodule, cfg.extractors[0]) if cfg.floor else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.append and (out / "sweep.json").is_file():  # an earlier sweep of the same checkpoint: one table, one plot
+        earlier = json.loads((out / "sweep.json").read_text())
+        rows, floor = earlier["rows"] + rows, floor or earlier.get("floor")
     payload = {"settings": cfg.as_dict(), "floor": floor, "rows": rows}
     (out / "sweep.json").write_text(json.dumps(payload, indent=2))
     plot_sweep(rows, cfg.extractors[0], out / "sweep.png", by="nfe" if cfg.nfe else "steps", floor=floor)
@@ -135,7 +139,7 @@ def plot_sweep(rows: list[dict], extractor: str, path: Path, by: str = "steps", 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     label = "network evaluations per sample (NFE)" if by == "nfe" else "sampling steps"
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
-        rs = [r for r in rows if r["sampler"] == sampler]
+        rs = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r[by])
         xs = [r[by] for r in rs]
         for ax, (key, _, _) in zip(axes, panels):
             ys = [r["sample_seconds_per_1k"] / 1000 if key == "seconds" else r.get(key) for r in rs]
