@@ -132,7 +132,7 @@ def plot_sweep(rows: list[dict], extractor: str, path: Path, by: str = "steps", 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f"fid_{extractor}", f"FID ({extractor})", "linear")]
+    panels = [(f"fid_{extractor}", f"FID ({extractor}, log scale)", "log")]
     if any("cond_acc" in r for r in rows):
         panels.append(("cond_acc", "conditional accuracy", "linear"))
     panels.append(("seconds", "seconds per sample", "log"))
