@@ -184,12 +184,18 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device, limit
     return {"shape": shape, "results": list(results.values()), "notes": notes, "settings": settings}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare(args: argparse.Namespace) -> torch.device:
+    """The device of ``--device``, ``--threads`` on a CPU and the seed, as every benchmark script sets them."""
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = prepare(args)
     machine = report.machine_facts(device, args)
     limits: list[float] = []
     shapes = [bench_shape(name, args, device, limits) for name in args.shapes]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import measure, report
-from benchmarks.bench import REPO, SHAPES, resolve_device, rotated
+from benchmarks.bench import REPO, SHAPES, prepare, rotated
 from benchmarks.impls import Impl, Ours, build_impls, load_shape
 from ddpm_lightning.sampling import SamplingConfig
 
@@ -75,10 +75,7 @@ def contenders(impls: list[Impl], fast: SamplingConfig, num_timesteps: int) -> l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    device = prepare(args)
     config, overrides = SHAPES[args.shape]
     shape = load_shape(args.shape, REPO / config, overrides)
     fast = SamplingConfig(sampler=args.sampler, num_steps=args.num_steps)
