@@ -105,7 +105,12 @@ def test_sample_reads_the_recipe_sampling_section(capsys):
         main(["sample", f"--config={REPO / 'configs' / 'mnist_conditional.yaml'}", "--ckpt_path=x", "--print_config"])
     assert info.value.code == 0
     printed = capsys.readouterr().out
-    assert "guidance_scale: 3.0" in printed and "sampler: unipc" in printed and "num_steps: 10" in printed and "ckpt_path: x" in printed
+    assert (
+        "guidance_scale: 3.0" in printed
+        and "sampler: unipc" in printed
+        and "num_steps: 10" in printed
+        and "ckpt_path: x" in printed
+    )
 
 
 @pytest.mark.parametrize(
