@@ -36,7 +36,8 @@ def tiny_checkpoint(shared_data, tmp_path_factory):
 def _test_args(shared_data, ckpt, cache, extra=()) -> list[str]:
     args = ["test", f"--config={CONFIG}", f"--ckpt_path={ckpt}", *_data_args(shared_data), *TINY_MODEL_ARGS]
     args += ["--model.num_timesteps=100", "--trainer.limit_test_batches=1", "--trainer.logger=false"]
-    args += ["--metrics.num_samples=40", "--metrics.sampling.num_steps=5", "--metrics.batch_size=16"]
+    args += ["--metrics.num_samples=40", "--metrics.sampling.sampler=ddim", "--metrics.sampling.num_steps=5"]
+    args += ["--metrics.batch_size=16"]
     args += ["--metrics.reference_num=200", f"--metrics.cache_dir={cache}", *extra]
     return args
 
