@@ -209,3 +209,10 @@ def sample(
     config = SamplingConfig.of(config, **changes)
     common = dict(generator=generator, device=device, x_T=x_T, return_trajectory=return_trajectory, progress=progress)
     return config.spec.run(denoise_fn, diffusion, shape, config, **common)
+
+
+def check_runs(config: SamplingConfig, diffusion: GaussianDiffusion) -> None:
+    """Raise now, in one line, if ``config`` cannot run on ``diffusion`` (e.g. more steps than T allows): a dry run
+    with a zero denoiser on one 1-pixel image, so that callbacks fail before training rather than at an epoch's end."""
+    with torch.inference_mode():
+        sample(lambda x, t: torch.zeros_like(x), diffusion, (1, 1, 1, 1), config, device="cpu")

@@ -126,3 +126,14 @@ def test_bad_command_lines_are_one_line_errors(argv, needle, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("ddpm: error:") and needle in err and err.count("\n") == 1, err
+
+
+def test_a_setting_the_model_cannot_run_is_refused_before_training():
+    from ddpm_lightning.sampling import check_runs
+
+    d = GaussianDiffusion(make_betas("cosine", 10))
+    check_runs(SamplingConfig(sampler="unipc", num_steps=9), d)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 9\]"):
+        check_runs(SamplingConfig(sampler="unipc", num_steps=10), d)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 10\]"):
+        check_runs(SamplingConfig(sampler="ddim", num_steps=11), d)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ddpm_lightning.callbacks.ema import ema_weights
 from ddpm_lightning.images import grid, save_png, trajectory_grid
-from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig
+from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, check_runs
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -74,6 +74,10 @@ class SampleGrid(Callback):
         self.trajectory_frames = trajectory_frames
         self.save_png = save_png
         self.last_grid_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a setting the model cannot sample with stops the run now, not after its first epoch
+            check_runs(self.sampling, pl_module.diffusion)
 
     def _due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1  # epochs completed
