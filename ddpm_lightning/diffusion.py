@@ -25,6 +25,12 @@ PredictionType = Literal["eps", "x0", "v"]
 #: sigma_t^2 of the DDPM reverse step (Ho et al. 2020 Sec. 3.2): "fixed_small" = posterior variance
 #: beta-tilde_t (optimal for deterministic x_0), "fixed_large" = beta_t (optimal for x_0 ~ N(0, I))
 VarianceType = Literal["fixed_small", "fixed_large"]
+#: how training draws t: "uniform" over {0, ..., T-1} (Ho et al. 2020, Algorithm 1), or "lognormal": EDM's training
+#: noise levels (Karras et al. 2022, Table 1: ln sigma ~ N(P_mean, P_std^2)) on the VE noise level
+#: sigma = sqrt((1 - abar) / abar) = exp(-logSNR / 2), mapped to the nearest discrete t through log sigma
+TimestepSampling = Literal["uniform", "lognormal"]
+#: EDM's P_mean and P_std (Karras et al. 2022, Table 1)
+EDM_LOGNORMAL_MEAN, EDM_LOGNORMAL_STD = -1.2, 1.2
 
 
 def extract(a: Tensor, t: Tensor, x_shape: Sequence[int]) -> Tensor:
@@ -50,6 +56,8 @@ class GaussianDiffusion(torch.nn.Module):
         prediction_type: what the network outputs: "eps" (the noise, Ho et al. 2020), "x0" (the clean
             image) or "v" (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022).
         min_snr_gamma: if given (> 0), weight the loss with Min-SNR-gamma (Hang et al. 2023); None: weight 1.
+        timestep_sampling: how :meth:`sample_timesteps` draws training t (see :data:`TimestepSampling`).
+        lognormal_mean, lognormal_std: mean and std of ln sigma for ``lognormal`` (EDM's -1.2 and 1.2).
     """
 
     betas: Tensor
@@ -70,6 +78,9 @@ class GaussianDiffusion(torch.nn.Module):
         betas: Tensor,
         prediction_type: PredictionType = "eps",
         min_snr_gamma: float | None = None,
+        timestep_sampling: TimestepSampling = "uniform",
+        lognormal_mean: float = EDM_LOGNORMAL_MEAN,
+        lognormal_std: float = EDM_LOGNORMAL_STD,
     ) -> None:
         super().__init__()
         if prediction_type not in get_args(PredictionType):
@@ -78,7 +89,16 @@ class GaussianDiffusion(torch.nn.Module):
             )
         if min_snr_gamma is not None and not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 (or None to disable), got {min_snr_gamma}")
+        if timestep_sampling not in get_args(TimestepSampling):
+            raise ValueError(
+                f"unknown timestep_sampling {timestep_sampling!r}; choose one of: "
+                + ", ".join(get_args(TimestepSampling))
+            )
+        if not lognormal_std > 0:
+            raise ValueError(f"lognormal_std must be > 0, got {lognormal_std}")
         check_betas(betas)
+        self.timestep_sampling: TimestepSampling = timestep_sampling
+        self.lognormal_mean, self.lognormal_std = float(lognormal_mean), float(lognormal_std)
         self.prediction_type: PredictionType = prediction_type
         self.min_snr_gamma = min_snr_gamma
 
@@ -205,6 +225,20 @@ class GaussianDiffusion(torch.nn.Module):
         return mean, variance, log_variance
 
     # -- loss ------------------------------------------------------------------------------------------------
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Training timesteps (B,) long in {0, ..., T-1}, drawn as ``timestep_sampling`` says.
+
+        ``lognormal``: ln sigma ~ N(lognormal_mean, lognormal_std^2) (Karras et al. 2022, Table 1), rounded to the
+        nearest discrete level in log sigma (levels beyond the schedule's ends go to t = 0 or T - 1).
+        """
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        z = torch.randn(batch_size, device=device, generator=generator, dtype=torch.float64)
+        sigma = (self.lognormal_mean + self.lognormal_std * z).exp()
+        return self.t_from_ve_sigma(sigma).round().long().to(device)
+
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample loss weight (B,) for timesteps t (B,).
 

@@ -18,7 +18,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from ddpm_lightning.diffusion import GaussianDiffusion, PredictionType
+from ddpm_lightning.diffusion import (
+    EDM_LOGNORMAL_MEAN,
+    EDM_LOGNORMAL_STD,
+    GaussianDiffusion,
+    PredictionType,
+    TimestepSampling,
+)
 from ddpm_lightning.nn import UNet
 from ddpm_lightning.nn.unet import SHAPE_OPTIONS
 from ddpm_lightning.samplers import Generators, guided_denoise_fn
@@ -53,6 +59,10 @@ class DiffusionModule(L.LightningModule):
         schedule_params: extra parameters of the schedule (e.g. ``{s: 0.008}`` for cosine).
         prediction_type: what the network predicts: ``eps``, ``x0`` or ``v``.
         min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023); ``None`` for the plain loss.
+        timestep_sampling: how training draws t: ``uniform`` (Ho et al. 2020) or ``lognormal`` (EDM's noise-level
+            distribution, Karras et al. 2022, mapped to the discrete t through log sigma), see
+            :data:`ddpm_lightning.diffusion.TimestepSampling`.
+        lognormal_mean, lognormal_std: mean and std of ln sigma for ``lognormal`` (EDM: -1.2, 1.2).
         cond_drop_prob: probability of replacing a label by the null class during training (Ho & Salimans 2022).
         val_timesteps: validation loss is averaged over this many fixed, evenly spaced t with fixed noise, so the
             curve measures the model and not the draw of t.
@@ -98,6 +108,9 @@ class DiffusionModule(L.LightningModule):
         schedule_params: dict[str, Any] | None = None,
         prediction_type: PredictionType = "eps",
         min_snr_gamma: float | None = None,
+        timestep_sampling: TimestepSampling = "uniform",
+        lognormal_mean: float = EDM_LOGNORMAL_MEAN,
+        lognormal_std: float = EDM_LOGNORMAL_STD,
         cond_drop_prob: float = 0.0,
         val_timesteps: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -135,7 +148,14 @@ class DiffusionModule(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         betas = make_betas(schedule, num_timesteps, **(schedule_params or {}))
-        self.diffusion = GaussianDiffusion(betas, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
+        self.diffusion = GaussianDiffusion(
+            betas,
+            prediction_type=prediction_type,
+            min_snr_gamma=min_snr_gamma,
+            timestep_sampling=timestep_sampling,
+            lognormal_mean=lognormal_mean,
+            lognormal_std=lognormal_std,
+        )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._compiled = False  # the network is compiled once, by the first fit
@@ -161,7 +181,7 @@ class DiffusionModule(L.LightningModule):
     # -- steps ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x_start, y = batch  # (B, C, H, W) in [-1, 1], (B,)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        t = self.diffusion.sample_timesteps(x_start.shape[0], x_start.device)
         loss = self.diffusion.training_loss(self._denoise_fn(self._labels_for_training(y)), x_start, t).mean()
         if self._trainer is None:
             return loss

@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from experiments.evaluation import sample_grid
-from experiments.study import checkpoints, digest, floor_key, result_path, run_specs
+from experiments.study import checkpoints, digest, floor_key, minutes_per_step, result_path, run_specs
 
-METRICS = (("fid_classifier", "FID (classifier)", "lower"), ("cond_acc", "cond. accuracy", "higher"))
+METRICS = (
+    ("fid_classifier", "FID (classifier)", "lower"),
+    ("cond_acc", "cond. accuracy", "higher"),
+    ("background_noise", "background noise", "lower"),
+)
+#: how each metric is printed: scale, digits, unit
+FORMATS = {"cond_acc": (100, 1, " %"), "background_noise": (1, 4, "")}
 
 
 def write_report(studies: list[dict[str, Any]], runs_dir: Path, report: Path, make_grids: bool = True) -> None:
@@ -123,16 +129,19 @@ def _study_section(study, runs_dir: Path, report_dir: Path, figures: Path, make_
         for ev_name in study["evaluations"]:
             if len(results.get(ev_name, {})) > 1:
                 out += _noise_lines(ev_name, results[ev_name])
-        curves = {
-            _label(study, variant, ev_name): seeds
-            for ev_name, per_variant in results.items()
-            if study["evaluations"][ev_name]["checkpoints"] == "all"
-            for variant, seeds in per_variant.items()
-        }
+        curves, x_scale = {}, {}
+        for ev_name, per_variant in results.items():
+            if study["evaluations"][ev_name]["checkpoints"] != "all":
+                continue
+            for variant, seeds in per_variant.items():
+                curves[_label(study, variant, ev_name)] = seeds
+                x_scale[_label(study, variant, ev_name)] = minutes_per_step(study, variant)
         if curves:
             png = figures / f"{name}-curves.png"
-            _plot_curves(curves, png, study["title"])
-            out += [f"![metrics vs training steps]({png.relative_to(report_dir)})", ""]
+            by_minutes = all(v is not None for v in x_scale.values())
+            _plot_curves(curves, png, study["title"], x_scale if by_minutes else None)
+            what = "quiet-machine wall-minutes" if by_minutes else "training steps"
+            out += [f"![metrics vs {what}]({png.relative_to(report_dir)})", ""]
         if study.get("sweep"):
             png = figures / f"{name}-sweep.png"
             _plot_sweep(study, results, png)
@@ -205,12 +214,7 @@ def _table(study, results, train) -> list[str]:
     for ev_name, per_variant in results.items():
         for variant, seeds in per_variant.items():
             finals = [r[-1][1] for r in seeds.values()]
-            cells = [
-                _fmt(
-                    [f[m] for f in finals if m in f], 100 if m == "cond_acc" else 1, 1, " %" if m == "cond_acc" else ""
-                )
-                for m, _, _ in metrics
-            ]
+            cells = [_fmt([f[m] for f in finals if m in f], *FORMATS.get(m, (1, 1, ""))) for m, _, _ in metrics]
             curves = (_scalars(train[variant][seed]["run_dir"], "val/loss") for seed in seeds)
             losses = [c[-1][1] for c in curves if c]
             rows.append(
@@ -264,20 +268,23 @@ def _plt():
     return plt
 
 
-def _plot_curves(per_variant, png: Path, title: str) -> None:
+def _plot_curves(per_variant, png: Path, title: str, x_scale: dict[str, float] | None = None) -> None:
+    """Metrics against training steps, or against wall-minutes where ``x_scale`` gives each curve's minutes per step."""
     plt = _plt()
     present = {k for seeds in per_variant.values() for rows in seeds.values() for k in rows[-1][1]}
     metrics = [m for m in METRICS if m[0] in present]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, (key, label, better) in zip(axes[0], metrics):
         for i, (variant, seeds) in enumerate(per_variant.items()):
-            color = f"C{i}"
+            color = f"C{i % 10}"
+            linestyle = "-" if i < 10 else "--"
+            x = (x_scale or {}).get(variant, 1.0)
             by_step = defaultdict(list)
             for rows in seeds.values():
                 if key not in rows[-1][1]:
                     continue
                 ax.plot(
-                    [s for s, _ in rows],
+                    [s * x for s, _ in rows],
                     [r[key] * (100 if key == "cond_acc" else 1) for _, r in rows],
                     color=color,
                     alpha=0.3,
@@ -288,16 +295,17 @@ def _plot_curves(per_variant, png: Path, title: str) -> None:
             steps = sorted(by_step)
             if not steps:
                 continue
-            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], color=color, marker="o", label=variant)
+            ys = [statistics.fmean(by_step[s]) for s in steps]
+            ax.plot([s * x for s in steps], ys, color=color, ls=linestyle, marker="o", label=variant)
         ax.set(
-            xlabel="training step",
+            xlabel="wall-minutes (quiet machine)" if x_scale else "training step",
             ylabel=label + (" (%)" if key == "cond_acc" else ""),
             title=f"{label} ({better} is better)",
         )
-        if key == "fid_classifier":
+        if key in ("fid_classifier", "background_noise"):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

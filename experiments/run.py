@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,23 @@ def _log_attempt(run_dir: Path, seconds: float, returncode: int) -> list[dict[st
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _evaluate_as_trained(args: argparse.Namespace, studies, trainings: dict, runs_dir: Path) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for study in studies:
+        for ev in study["evaluations"].values():
+            evaluation.real_floor(study, ev, runs_dir, args.data_root)
+    for future in as_completed(trainings):
+        if future.exception() is not None:
+            continue
+        run_id = trainings[future]["id"]
+        for study in studies:
+            for spec in run_specs(study):
+                if spec["id"] == run_id:
+                    evaluation.evaluate_run(spec, study, runs_dir, args.data_root)
+
+
 # -- main --------------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
@@ -174,16 +191,11 @@ def _run(args: argparse.Namespace, studies: list[dict[str, Any]]) -> None:
     if not args.report_only:
         threads = max(1, args.threads // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda s: train_run(s, runs_dir, args.data_root, threads), all_specs.values()))
-        if not args.train_only:
-            import torch
-
-            torch.set_num_threads(args.threads)
-            for study in studies:
-                for ev in study["evaluations"].values():
-                    evaluation.real_floor(study, ev, runs_dir, args.data_root)
-                for spec in run_specs(study):
-                    evaluation.evaluate_run(spec, study, runs_dir, args.data_root)
+            trainings = {pool.submit(train_run, s, runs_dir, args.data_root, threads): s for s in all_specs.values()}
+            if not args.train_only:  # each run is evaluated as soon as it is trained: results come as they go
+                _evaluate_as_trained(args, studies, trainings, runs_dir)
+            for future in trainings:
+                future.result()  # a failed training stops the study here, after the others' results are saved
     if args.train_only:
         return
     from experiments.report import write_report  # matplotlib and TensorBoard's reader: only when reporting

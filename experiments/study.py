@@ -19,7 +19,7 @@ STUDIES_DIR = ROOT / "experiments" / "studies"
 RUNS_DIR = ROOT / "experiments" / "runs"
 REPORT = ROOT / "experiments" / "REPORT.md"
 STUDY_KEYS = {"title", "question", "source", "base", "overrides", "budget", "checkpoint_every", "seeds", "variants"}
-STUDY_KEYS |= {"evaluations", "discussion", "grid", "sweep"}
+STUDY_KEYS |= {"evaluations", "discussion", "grid", "sweep", "budget_minutes"}
 BUDGET_KEYS = ("max_steps", "max_time")
 EVAL_KEYS = {"checkpoints", "weights"}
 CHECKPOINT_CHOICES = ("all", "last")
@@ -60,6 +60,13 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
     study.setdefault("seeds", [0])
     study.setdefault("checkpoint_every", None)
     study["variants"] = {str(k): dict(v or {}) for k, v in study["variants"].items()}
+    for variant, overrides in study["variants"].items():  # a variant's own budget (e.g. steps at its own speed)
+        own = overrides.get("budget", {})
+        if not isinstance(own, dict) or set(own) - set(BUDGET_KEYS):
+            raise StudyError(f"{path.name}: variant {variant!r}: budget may set only: {', '.join(BUDGET_KEYS)}")
+    minutes = study.get("budget_minutes")
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise StudyError(f"{path.name}: budget_minutes must be a number > 0, got {minutes!r}")
     evals = study["evaluations"]
     if not isinstance(evals, dict) or not evals:
         raise StudyError(f"{path.name}: evaluations must map names to settings")
@@ -120,17 +127,28 @@ def run_specs(study: dict[str, Any]) -> list[dict[str, Any]]:
     """One training spec per (variant, seed); its ``id`` is a digest of everything that decides the training."""
     specs = []
     for variant, overrides in study["variants"].items():
+        overrides = dict(overrides)
+        budget = {**study["budget"], **overrides.pop("budget", {})}
         for seed in study["seeds"]:
             train = {
                 "base": study["base"],
                 "overrides": {**study["overrides"], **overrides},
-                "budget": study["budget"],
+                "budget": budget,
                 "checkpoint_every": study["checkpoint_every"],
                 "seed": seed,
             }
             stem = Path(study["base"][0]).stem
             specs.append({"variant": variant, "seed": seed, "train": train, "id": f"{stem}-{digest(train)}"})
     return specs
+
+
+def minutes_per_step(study: dict[str, Any], variant: str) -> float | None:
+    """Wall-minutes one training step of ``variant`` stands for, when the study gives its step budgets as
+    ``budget_minutes`` of a quiet machine (each variant's ``max_steps`` = those minutes at its own measured speed)."""
+    if study.get("budget_minutes") is None:
+        return None
+    steps = {**study["budget"], **study["variants"][variant].get("budget", {})}.get("max_steps")
+    return study["budget_minutes"] / steps if steps else None
 
 
 def config_digests(train: dict[str, Any]) -> dict[str, str]:

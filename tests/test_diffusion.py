@@ -224,3 +224,37 @@ def test_invalid_arguments() -> None:
         GaussianDiffusion(betas, min_snr_gamma=0.0)
     with pytest.raises(ValueError, match=r"betas must be finite and in \(0, 1\)"):
         GaussianDiffusion(torch.tensor([0.1, 1.0]))
+
+
+def test_uniform_timesteps_cover_every_step_evenly() -> None:
+    d = _diffusion()
+    t = d.sample_timesteps(200_000, "cpu", generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(t, minlength=T).float()
+    assert t.dtype == torch.long and counts.shape == (T,)
+    # 2,000 expected per bin; the binomial sd is ~44, so 5 sd is 220
+    assert (counts - 2000).abs().max() < 220
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lognormal_timesteps_follow_edm_noise_levels(schedule: str) -> None:
+    """ln sigma of the drawn t is N(P_mean, P_std^2) (Karras et al. 2022, Table 1) up to the rounding to discrete
+    levels, inside the schedule's range of sigma; the mass beyond it lands on the end points."""
+    d = GaussianDiffusion(make_betas(schedule, 1000), timestep_sampling="lognormal")
+    t = d.sample_timesteps(200_000, "cpu", generator=torch.Generator().manual_seed(0))
+    log_sigma = d.ve_sigmas()[t].log()
+    lo, hi = d.ve_sigmas()[[0, -1]].log().tolist()
+    normal = torch.distributions.Normal(-1.2, 1.2)
+    inside = (log_sigma > lo) & (log_sigma < hi)
+    # the share of draws inside the schedule's range is the normal's mass there (sd of the estimate ~0.001)
+    mass = float(normal.cdf(torch.tensor(hi)) - normal.cdf(torch.tensor(lo)))
+    assert abs(inside.float().mean().item() - mass) < 0.005
+    # median and quartiles of ln sigma: -1.2 and -1.2 -/+ 0.6745 * 1.2 (rounding moves a level by < its spacing)
+    q = torch.quantile(log_sigma[:50_000], torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    assert torch.allclose(q, torch.tensor([-2.0094, -1.2, -0.3906], dtype=torch.float64), atol=0.05)
+
+
+def test_timestep_sampling_choices_are_validated() -> None:
+    with pytest.raises(ValueError, match="choose one of: uniform, lognormal"):
+        _diffusion(timestep_sampling="edm")
+    with pytest.raises(ValueError, match="lognormal_std must be > 0"):
+        _diffusion(timestep_sampling="lognormal", lognormal_std=0.0)

@@ -60,6 +60,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "sample": Command("write samples of a checkpoint (grid, PNGs, npz, trajectory)", _module("sample", "ddpm sample")),
     "sweep": Command("sample quality and cost against steps / samplers", _module("sweep", "ddpm sweep")),
+    "phema": Command(
+        "the EMA of any length after training, from post-hoc EMA snapshots", _module("phema", "ddpm phema")
+    ),
     "export": Command("write a checkpoint as a diffusers folder with a model card", _module("export", "ddpm export")),
     "demo": Command("a web page that samples from a checkpoint (demo extra)", _module("demo", "ddpm demo")),
     "classifier": Command("fit | validate | test | export the metrics' domain classifier", _classifier),

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ddpm_lightning.data.base import SPLITS, ImageDataModule
+from ddpm_lightning.metrics.background import background_mask, background_noise
 from ddpm_lightning.metrics.evaluate import extract, generate, reference_stats
 from ddpm_lightning.metrics.extractors import build_extractor
 from ddpm_lightning.metrics.stats import FeatureStats, fid, inception_score, kid
@@ -65,6 +66,8 @@ class Evaluator:
         reference_split: real split the statistics are computed on (``train`` or ``test``).
         reference_num: real images in the reference statistics (default: ``num_samples``).
         cache_dir: where reference statistics are cached (default ``~/.cache/ddpm_lightning/reference_stats``).
+        background: also score ``background_noise``: the mean intensity in [0, 1] of the samples at the positions
+            black in >= 99.9 % of the whole reference split (:mod:`ddpm_lightning.metrics.background`).
     """
 
     num_samples: int = 1000
@@ -77,7 +80,9 @@ class Evaluator:
     reference_split: str = "test"
     reference_num: int | None = None
     cache_dir: str | None = None
+    background: bool = False
     _built: dict[str, torch.nn.Module] = field(default_factory=dict, init=False, repr=False)
+    _masks: dict[tuple[int, str], Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sampling = SamplingConfig.of(self.sampling)
@@ -102,6 +107,7 @@ class Evaluator:
             "reference_num": self.reference_num,
             "extractors": self.extractors,
             "classifier": self.classifier,
+            **({"background": True} if self.background else {}),  # only when on: older result keys stay valid
         }
 
     def extractor(self, kind: str, device: torch.device | str) -> torch.nn.Module:
@@ -119,6 +125,14 @@ class Evaluator:
         ex = self.extractor(kind, device)
         return reference_stats(datamodule, self.reference_split, self.reference_num, ex, self.cache_dir)[0]
 
+    def background_mask(self, datamodule: ImageDataModule) -> Tensor:
+        """(C, H, W) bool: the background positions of the whole reference split (computed once per datamodule)."""
+        key = (id(datamodule), self.reference_split)
+        if key not in self._masks:
+            real, _ = datamodule.real_images(self.reference_split)
+            self._masks[key] = background_mask(real)
+        return self._masks[key]
+
     def real_floor(self, datamodule: ImageDataModule, kind: str = "classifier", seed: int = 1) -> dict[str, float]:
         """FID/KID of N real *training* images against the reference: what a perfect model scores at this N (the
         finite-sample bias of FID), the floor to read every FID against."""
@@ -128,6 +142,13 @@ class Evaluator:
         feats, _ = extract(ex, real)
         k, _ = kid(feats, ref.features, subset_size=kid_subset_size(min(feats.shape[0], ref.num)))
         return {f"fid_{kind}": fid(FeatureStats.from_features(feats), ref), f"kid_{kind}": k}
+
+    @staticmethod
+    def _gathered_mean(value: float, count: int, gather: Callable[[Tensor], Tensor] | None) -> float:
+        if gather is None:
+            return value
+        both = gather(torch.tensor([value * count, float(count)], dtype=torch.float64))  # (world, 2)
+        return float(both[:, 0].sum() / both[:, 1].sum())
 
     def evaluate(
         self,
@@ -168,6 +189,10 @@ class Evaluator:
                 results[f"is_{kind}"], results[f"is_{kind}_std"] = inception_score(logits)
             if kind == "classifier" and labels is not None and logits is not None:
                 results["cond_acc"] = float((logits.argmax(1) == gathered(labels)).float().mean())
+        if self.background:  # per rank on its own samples, then the mean over ranks (weighted by their counts)
+            results["background_noise"] = self._gathered_mean(
+                background_noise(images, self.background_mask(datamodule)), images.shape[0], gather
+            )
         results["seconds"] = time.perf_counter() - start
         results["sample_seconds_per_1k"] = sample_seconds * 1000 / max(1, images.shape[0])
         results["nfe_per_sample"] = float(self.sampling.nfe(model.diffusion.num_timesteps, model.conditional))
