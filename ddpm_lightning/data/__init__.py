@@ -5,6 +5,7 @@ from ddpm_lightning.data.base import DatasetNotFoundError, ImageDataModule
 from ddpm_lightning.data.cifar import CIFAR10DataModule
 from ddpm_lightning.data.flowers import Flowers102DataModule
 from ddpm_lightning.data.folder import ImageFolderDataModule
+from ddpm_lightning.data.hf import HFDataModule  # needs the [hf] extra only when it opens a dataset
 from ddpm_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from ddpm_lightning.data.transforms import UnreadableImageError
 
@@ -14,6 +15,7 @@ __all__ = [
     "FGVCAircraftDataModule",
     "FashionMNISTDataModule",
     "Flowers102DataModule",
+    "HFDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",

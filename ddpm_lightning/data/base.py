@@ -238,6 +238,11 @@ class ImageDataModule(LightningDataModule):
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
         return images
 
+    def reference_key(self, split: str) -> dict[str, Any]:
+        """What identifies the real images of ``split`` beyond the class, size and channels, for the cache of
+        reference statistics (a dataset that can change under the same class adds its fingerprint here)."""
+        return {}
+
     def real_images(self, split: str, num: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
         """``num`` images (all when None; a subset seeded by ``seed`` otherwise) of the official ``train`` or
         ``test`` split as uint8 (n, C, image_size, image_size), processed as the model sees them, and their labels."""

@@ -103,6 +103,7 @@ def reference_stats(
         "num": num,
         "seed": seed,
         "extractor": extractor.name,
+        **datamodule.reference_key(split),  # e.g. a Hugging Face dataset's fingerprint: changed data, new statistics
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{key['dataset']}-{split}-{key['image_size']}px-n{num}-{extractor.name.split('-')[0]}-{digest}.pt"
