@@ -17,7 +17,11 @@ ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 CLASSIFIER_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("classifier_")}
 #: finetune_*.yaml start from a diffusers folder (model.init_from) and run in test_hub.py
 FINETUNE_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("finetune_")}
-CONFIGS = [c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS]
+#: hf_*.yaml read a Hugging Face dataset (data.path) and run in test_hf_data.py
+HF_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("hf_")}
+CONFIGS = [
+    c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS | HF_CONFIGS
+]
 
 #: overrides that shrink any config's U-Net to a few thousand parameters for fast_dev_run on CPU
 TINY_MODEL_ARGS = [

@@ -104,9 +104,10 @@ def test_missing_dataset_and_unknown_key(tmp_path, monkeypatch, capsys):
 
 
 def test_every_config_is_exercised():
-    from conftest import ALL_CONFIGS, CLASSIFIER_CONFIGS, FINETUNE_CONFIGS, STANDIN_CONFIGS
+    from conftest import ALL_CONFIGS, CLASSIFIER_CONFIGS, FINETUNE_CONFIGS, HF_CONFIGS, STANDIN_CONFIGS
 
-    exercised = {c.stem for c in CONFIGS} | STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS
+    exercised = {c.stem for c in CONFIGS} | STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS | HF_CONFIGS
     assert {c.stem for c in ALL_CONFIGS} == exercised
+    assert HF_CONFIGS == {"hf_dataset"}  # run by tests/test_hf_data.py
     assert FINETUNE_CONFIGS == {"finetune_ddpm_cifar10"}  # run by tests/test_hub.py
     assert CLASSIFIER_CONFIGS == {"classifier_mnist", "classifier_fashion_mnist"}

@@ -228,7 +228,17 @@ class HFDataModule(ImageDataModule):
 
     # -- the base's hooks -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self.data  # noqa: B018 - a Hub download happens on one process first; the others then read the cache
+        """Download (a Hub name) and decode every split in use on one process per node; the other processes then
+        find both in the cache (``datasets`` reuses a decode whose cache file exists)."""
+        for spec in self._specs():
+            self._decode(spec)
+
+    def _specs(self) -> list[str]:
+        """The distinct splits in use, each checked (exists, has rows) before any is decoded."""
+        specs = [s for s in dict.fromkeys((self.train_split, self.val_split, self._test_spec())) if s is not None]
+        for spec in specs:
+            self._source(spec)
+        return specs
 
     def _test_spec(self) -> str | None:
         """The split the test images come from; ``None``: the validation images."""
@@ -247,6 +257,7 @@ class HFDataModule(ImageDataModule):
         return self.val_set
 
     def setup(self, stage: str | None = None) -> None:
+        self._specs()
         if self.train_set is None and self.val_split is not None:
             self.train_set, self.val_set = self._decode(self.train_split), self._decode(self.val_split)
         super().setup("fit")  # with val_split unset: the seeded hold-out of the training split

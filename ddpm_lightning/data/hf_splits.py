@@ -110,7 +110,7 @@ def resolve_split(data: datasets.DatasetDict, spec: str, path: str) -> datasets.
     if match["start"] is not None or match["stop"] is not None:
         n = len(rows)
         start, stop = _bound(match["start"], n, 0), _bound(match["stop"], n, n)
-        rows = rows.select(range(start, max(start, stop)))
+        rows = rows.select(range(start, stop)) if stop > start else rows.select([])
     if len(rows) == 0:
         raise HFDatasetError(f"split {spec!r} of {path} has no rows")
     return rows
