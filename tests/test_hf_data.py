@@ -114,6 +114,19 @@ def test_parquet_files_slices_resize_and_rgb_in_two_processes(digits, mnist, tmp
     assert torch.equal(images[:, 0], torch.stack([torch.as_tensor(list(w.getdata())).view(16, 16) for w in want]))
 
 
+def test_parquet_rewritten_in_place_gets_a_new_reference_key(digits, mnist, tmp_path):
+    path = tmp_path / "digits.parquet"
+    shutil.copy(digits / "parquet" / "train.parquet", path)
+    args = {"image_size": 28, "channels": 1, "cache_dir": str(tmp_path / "hf"), "val_size": 10}
+    key = HFDataModule(str(path), **args).reference_key("test")  # no test split: the 10 held-out training digits
+    assert (key["hf_split"], key["rows"]) == ("train held out: val_size=10, split_seed=0", 10)
+    assert HFDataModule(str(path), **args).reference_key("test") == key  # same file: same key
+    assert HFDataModule(str(path), **args, split_seed=1).reference_key("test") != key  # other held-out digits
+    _digits(*mnist["test"]).to_parquet(str(path))  # other rows under the same name
+    changed = HFDataModule(str(path), **args).reference_key("test")
+    assert changed["fingerprint"] != key["fingerprint"]
+
+
 def test_hub_name_offline_from_a_filled_cache(digits, mnist, tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read when datasets is imported: set it here too
@@ -255,3 +268,15 @@ def test_other_datamodules_never_import_datasets():
     code = "import sys, ddpm_lightning.cli, ddpm_lightning.data; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+def test_an_unreadable_image_stops_setup_naming_its_row(mnist, tmp_path):
+    from ddpm_lightning.data import UnreadableImageError
+
+    ds = _digits(*mnist["test"]).cast_column("image", datasets.Image(decode=False))
+    rows = ds.to_dict()
+    rows["image"][3] = {"bytes": b"not a png", "path": None}
+    datasets.Dataset.from_dict(rows, features=ds.features).save_to_disk(str(tmp_path / "broken"))
+    dm = HFDataModule(str(tmp_path / "broken"), image_size=28, channels=1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UnreadableImageError, match=r"\[train\] row 3 \(UnidentifiedImageError: .*1 of 16 images"):
+        dm.setup("fit")

@@ -189,8 +189,8 @@ class HFDataModule(ImageDataModule):
         ds = lazy_datasets()
         shape = (self._channels, self.image_size, self.image_size)
         raw = source.cast_column(self.image_column, ds.Image(decode=False))  # {"bytes", "path"}: our loader decodes
-        decode = _SquareDecoder(SquareImageLoader(self.image_size, channels=self._channels), self.image_column)
-        decode.label_column = self.label_column
+        loader = SquareImageLoader(self.image_size, channels=self._channels)
+        decode = _SquareDecoder(loader, self.image_column, self.label_column)
         features = ds.Features({"pixels": ds.Value("binary"), "label": ds.Value("int64"), "error": ds.Value("string")})
         settings = [_DECODE_VERSION, source._fingerprint, self.image_column, self.label_column, *shape]
         fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
@@ -218,7 +218,7 @@ class HFDataModule(ImageDataModule):
     def _check_labels(self, table: datasets.Dataset, spec: str) -> None:
         if self.label_column is None:
             return
-        labels = torch.as_tensor(table["label"])
+        labels = torch.as_tensor(list(table["label"]))
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= self.num_classes:
             raise HFDatasetError(
@@ -268,14 +268,16 @@ class HFDataModule(ImageDataModule):
         """What identifies the real images of ``split`` (``train`` or ``test``) for the reference-statistics cache:
         the dataset's fingerprint (it changes whenever the data does), the split and the number of rows."""
         if split == "train":
-            spec, rows = self.train_split, self._source(self.train_split)
-        elif (spec := self._test_spec()) is not None:
-            rows = self._source(spec)
-        else:  # the validation images
+            spec = self.train_split
+        elif (spec := self._test_spec() or self.val_split) is None:  # validation images held out of the training split
+            rows = self._source(self.train_split)
+            size = self.val_size if isinstance(self.val_size, int) else round(self.val_size * len(rows))
             held_out = f"{self.train_split} held out: val_size={self.val_size}, split_seed={self.split_seed}"
-            spec = self.val_split or held_out
-            rows = self._source(self.val_split or self.train_split)
-        size = len(self._load(train=split == "train"))
+            return self._key(rows, held_out, size)
+        rows = self._source(spec)
+        return self._key(rows, spec, len(rows))
+
+    def _key(self, rows: datasets.Dataset, spec: str, size: int) -> dict[str, Any]:
         return {
             "hf_path": self.path,
             "hf_name": self.name,
@@ -289,9 +291,8 @@ class HFDataModule(ImageDataModule):
 class _SquareDecoder:
     """The batch function of the one-time decode: image bytes or path -> square pixels, label, error reason."""
 
-    def __init__(self, loader: SquareImageLoader, image_column: str) -> None:
-        self.loader, self.image_column = loader, image_column
-        self.label_column: str | None = None
+    def __init__(self, loader: SquareImageLoader, image_column: str, label_column: str | None) -> None:
+        self.loader, self.image_column, self.label_column = loader, image_column, label_column
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         pixels, errors = [], []
