@@ -19,9 +19,7 @@ CLASSIFIER_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("classifi
 FINETUNE_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("finetune_")}
 #: hf_*.yaml read a Hugging Face dataset (data.path) and run in test_hf_data.py
 HF_CONFIGS = {c.stem for c in ALL_CONFIGS if c.stem.startswith("hf_")}
-CONFIGS = [
-    c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS | HF_CONFIGS
-]
+CONFIGS = [c for c in ALL_CONFIGS if c.stem not in STANDIN_CONFIGS | CLASSIFIER_CONFIGS | FINETUNE_CONFIGS | HF_CONFIGS]
 
 #: overrides that shrink any config's U-Net to a few thousand parameters for fast_dev_run on CPU
 TINY_MODEL_ARGS = [
