@@ -26,6 +26,16 @@ except ModuleNotFoundError:
 from ddpm_lightning.cli import build_cli, main
 from ddpm_lightning.data import HFDataModule
 
+pytestmark = pytest.mark.usefixtures("no_network")  # every test: no look-up or connection beyond loopback
+
+
+@pytest.fixture(autouse=True)
+def _no_download_counts(monkeypatch):
+    """datasets pings S3 to count loads of its parquet/imagefolder builders, even of local files, unless offline or
+    HF_UPDATE_DOWNLOAD_COUNTS is off (docs/datasets.md says so); not ours to test, and no_network would see it."""
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+
+
 CONFIG = REPO / "configs" / "hf_dataset.yaml"
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 N_TRAIN, N_TEST = 40, 16
@@ -127,7 +137,7 @@ def test_parquet_rewritten_in_place_gets_a_new_reference_key(digits, mnist, tmp_
     assert changed["fingerprint"] != key["fingerprint"]
 
 
-def test_hub_name_offline_from_a_filled_cache(digits, mnist, tmp_path, monkeypatch, no_network):
+def test_hub_name_offline_from_a_filled_cache(digits, mnist, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read when datasets is imported: set it here too
     dm = HFDataModule(HUB_NAME, label_column="label", image_size=28, channels=1, cache_dir=str(digits / "hub_cache"))
@@ -255,7 +265,7 @@ def test_bad_input_is_one_line(extra, needle, digits, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_hub_name_offline_without_cache_says_where_to_download(tmp_path, capsys, monkeypatch, no_network):
+def test_hub_name_offline_without_cache_says_where_to_download(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     args = _fit_args(HUB_NAME, tmp_path, "--data.label_column=label", "--trainer.max_steps=1")
@@ -264,6 +274,7 @@ def test_hub_name_offline_without_cache_says_where_to_download(tmp_path, capsys,
     assert "on a machine with internet" in err and "data.cache_dir" in err and "save_to_disk" in err
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Lightning
 def test_other_datamodules_never_import_datasets():
     code = "import sys, ddpm_lightning.cli, ddpm_lightning.data; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
