@@ -3,7 +3,8 @@ or a folder written by ``save_to_disk``; decoded once to squares, then read as u
 
 Needs the optional extra ``pip install -e ".[hf]"``; ``datasets`` is imported only when such a DataModule opens its
 data, so ``ddpm fit`` on the other DataModules never needs it. Offline (``HF_DATASETS_OFFLINE=1``), a Hub name is read
-from the ``datasets`` cache (``cache_dir``) a machine with internet filled; folders and files never need the network.
+from the ``datasets`` cache (``cache_dir``) a machine with internet filled; folders and files never need the network
+(docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class HFDataModule(ImageDataModule):
     score against the test images; their cached reference statistics are keyed by the dataset's fingerprint,
     split and size (:meth:`reference_key`).
 
-    Every image is decoded once, in :meth:`setup` (``num_proc`` processes): converted to grayscale or RGB, its
-    largest centered square resized to ``image_size`` (as :class:`~ddpm_lightning.data.folder.ImageFolderDataModule`
-    does), and written to an Arrow file in the ``datasets`` cache; an unreadable image stops the run there, named.
+    Every image is decoded once, in :meth:`prepare_data` (one process per node, ``num_proc`` workers; :meth:`setup`
+    elsewhere finds the result in the cache): converted to grayscale or RGB, its largest centered square resized to
+    ``image_size`` (as :class:`~ddpm_lightning.data.folder.ImageFolderDataModule` does), and written to an Arrow
+    file in the ``datasets`` cache; an unreadable image stops the run there, named.
 
     Args:
         path: where the dataset is (see above).
