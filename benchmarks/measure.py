@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -226,3 +227,82 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
+
+
+# -- the CPU's FMA peak ------------------------------------------------------------------------------------------
+#: FMA pipes per core: two on every x86 server core since Haswell and Zen (one 512-bit FMA unit on some Xeon Silver /
+#: Bronze parts, which the flags cannot tell apart: the peak is then overstated by 2x)
+FMA_PIPES = 2
+#: AMX: bf16 multiply-adds per cycle and core of the tile unit (Intel: 1,024 bf16 FMA = 2,048 FLOP per cycle)
+AMX_BF16_FMA_PER_CYCLE = 1024
+
+
+def cpu_flags() -> set[str]:
+    """The ISA flags of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_clock_hz() -> tuple[float | None, str]:
+    """The core clock and where it was read: cpufreq's maximum (the boost clock) where the kernel exposes it, else the
+    ``cpu MHz`` of ``/proc/cpuinfo`` (in a VM the clock the hypervisor reports, often the base clock)."""
+    cpufreq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if cpufreq.exists():
+        return int(cpufreq.read_text()) * 1e3, "cpufreq cpuinfo_max_freq"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) * 1e6, "/proc/cpuinfo cpu MHz (no cpufreq: boost clock unknown)"
+    return None, "unknown"
+
+
+def cpu_fma_peak(threads: int) -> dict[str, Any]:
+    """Peak FLOP/s of ``threads`` cores: cores x clock x FMA lanes x 2 (a multiply-add counts 2), fp32 and bf16.
+
+    fp32 lanes per cycle: FMA_PIPES x (datapath bits / 32); the datapath is 512 bits with AVX-512 except on AMD, whose
+    Zen 4 runs 512-bit instructions on 256-bit pipes. bf16: AVX512-BF16's VDPBF16PS does two bf16 multiply-adds per
+    32-bit lane (2x fp32); AMX-BF16 does AMX_BF16_FMA_PER_CYCLE; without either, bf16 is converted and computed in
+    fp32 (no faster than fp32, and the conversions cost extra).
+    """
+    flags, vendor = cpu_flags(), _cpu_vendor()
+    if "avx512f" in flags:
+        bits, isa = (256 if vendor == "AuthenticAMD" else 512), "AVX-512"
+    elif "avx2" in flags and "fma" in flags:
+        bits, isa = 256, "AVX2+FMA"
+    else:
+        bits, isa = 128, "SSE"
+    fp32_lanes = FMA_PIPES * bits // 32
+    if "amx_bf16" in flags:
+        bf16_lanes, bf16_isa = AMX_BF16_FMA_PER_CYCLE, "AMX-BF16"
+    elif "avx512_bf16" in flags:
+        bf16_lanes, bf16_isa = 2 * fp32_lanes, "AVX512-BF16"
+    else:
+        bf16_lanes, bf16_isa = fp32_lanes, "none (bf16 converted to fp32)"
+    clock, clock_source = cpu_clock_hz()
+    per_cycle = threads * 2  # cores x FLOP per multiply-add
+    return {
+        "isa": isa,
+        "bf16_isa": bf16_isa,
+        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+        "cores": threads,
+        "clock_hz": clock,
+        "clock_source": clock_source,
+        "fp32_fma_lanes": fp32_lanes,
+        "bf16_fma_lanes": bf16_lanes,
+        "fp32": clock * per_cycle * fp32_lanes if clock else None,
+        "bf16": clock * per_cycle * bf16_lanes if clock else None,
+    }
+
+
+def _cpu_vendor() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return ""

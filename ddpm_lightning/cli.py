@@ -37,6 +37,7 @@ from ddpm_lightning.checkpointing import (
 from ddpm_lightning.classifier import ClassifierModule
 from ddpm_lightning.data import DatasetNotFoundError, ImageDataModule
 from ddpm_lightning.module import DiffusionModule, NonFiniteLossError
+from ddpm_lightning.precision import Trainer
 
 #: error types that mean "the user's input is wrong", reported in one line
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -135,6 +136,7 @@ def _build(model_class: type, prog: str, args: list[str] | None, run: bool) -> D
     return DDPMCLI(
         model_class,
         ImageDataModule,
+        trainer_class=Trainer,  # Lightning's, plus precision: auto
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         args=args,
