@@ -121,3 +121,23 @@ def test_fast_sampling_benchmark_times_every_row_and_writes_the_table(tmp_path, 
         "diffusers, DDIM-50 pipeline",
     ]
     assert [int(r.split("|")[2]) for r in rows] == [10, 50, 50] and rows[0].endswith("| 1.0x |")
+
+
+@pytest.mark.parametrize(
+    ("flags", "vendor", "fp32_lanes", "bf16_lanes"),
+    [
+        ({"avx", "avx2", "fma"}, "AuthenticAMD", 16, 16),  # Zen 3: 2 x 256-bit FMA pipes, no bf16 arithmetic
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, "AuthenticAMD", 16, 32),  # Zen 4: 512-bit ops on 256-bit pipes
+        ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, "GenuineIntel", 32, 1024),  # Sapphire Rapids: AMX
+    ],
+)
+def test_cpu_fma_peak_is_cores_clock_lanes_and_two(monkeypatch, flags, vendor, fp32_lanes, bf16_lanes):
+    from benchmarks import measure
+
+    monkeypatch.setattr(measure, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(measure, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(measure, "cpu_clock_hz", lambda: (2.5e9, "test"))
+    peak = measure.cpu_fma_peak(threads=4)
+    assert (peak["fp32_fma_lanes"], peak["bf16_fma_lanes"]) == (fp32_lanes, bf16_lanes)
+    assert peak["fp32"] == 4 * 2.5e9 * fp32_lanes * 2
+    assert peak["bf16"] == 4 * 2.5e9 * bf16_lanes * 2
