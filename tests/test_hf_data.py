@@ -203,6 +203,9 @@ def test_fit_on_a_save_to_disk_folder_is_conditional_and_logs_grids_then_test_sc
     assert {"samples/grid", "samples/trajectory"} <= set(events.Tags()["images"])  # logged to TensorBoard
     gutter = 2  # ddpm_lightning.images.GUTTER
     assert grid.size == (2 * (28 + gutter) + gutter, 10 * (28 + gutter) + gutter)  # a row per class, 2 per row
+    rows = (version / "samples" / "grid_rows.txt").read_text().splitlines()  # the ClassLabel's names, row by row
+    assert rows == [f"row {i}: {name}" for i, name in enumerate(NAMES)]
+    assert "samples/grid_rows/text_summary" in events.Tags()["tensors"]  # TensorBoard text
 
     ckpt = version / "checkpoints" / "last.ckpt"
     args = _fit_args(digits / "disk", tmp_path, *conditional, f"--ckpt_path={ckpt}", "--trainer.logger=false")

@@ -74,6 +74,7 @@ class SampleGrid(Callback):
         self.trajectory_frames = trajectory_frames
         self.save_png = save_png
         self.last_grid_path: Path | None = None
+        self._rows_named = False  # the class of each grid row is logged once per run
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # a setting the model cannot sample with stops the run now, not after its first epoch
@@ -106,10 +107,28 @@ class SampleGrid(Callback):
                 n, labels=labels, sampling=self.sampling, generator=gen, return_trajectory=want_trajectory
             )
         images, trajectory = out if want_trajectory else (out, None)
+        if pl_module.conditional and not self._rows_named:
+            self._name_rows(trainer, pl_module.hparams.num_classes)
         self._emit(trainer, "samples/grid", grid(images, nrow), f"epoch={trainer.current_epoch:03d}.png")
         if trajectory is not None:
             strip = trajectory_grid(trajectory, self.trajectory_images, self.trajectory_frames)
             self._emit(trainer, "samples/trajectory", strip, f"trajectory_epoch={trainer.current_epoch:03d}.png")
+
+    def _name_rows(self, trainer: L.Trainer, num_classes: int) -> None:
+        """Once per run: which class each grid row shows, from the DataModule's ``classes`` (e.g. a Hugging Face
+        ClassLabel's names), as TensorBoard text ``samples/grid_rows`` and ``samples/grid_rows.txt``."""
+        self._rows_named = True
+        names = list(getattr(trainer.datamodule, "classes", None) or [])
+        if len(names) != num_classes:
+            return
+        rows = [f"row {i}: {name}" for i, name in enumerate(names)]
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard's SummaryWriter
+                experiment.add_text("samples/grid_rows", "  \n".join(rows), global_step=trainer.global_step)
+        out = run_dir(trainer) / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "grid_rows.txt").write_text("\n".join(rows) + "\n")
 
     def _emit(self, trainer: L.Trainer, tag: str, image: Tensor, filename: str) -> None:
         """Send a (3, H, W) uint8 image to every logger that takes images, and save it as PNG.
