@@ -74,9 +74,12 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     assert second["fid_classifier"] == res["fid_classifier"]  # same seed, same samples, same number
     assert second["cond_acc"] == res["cond_acc"]
 
-    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1"]))
+    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1", "--metrics.background=true"]))
     other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed1.json")).read_text())
     assert other["results"]["fid_classifier"] != res["fid_classifier"]
+    # a few steps of training leave grey where real digits are black (real test digits: ~0.0001)
+    assert 0.01 < other["results"]["background_noise"] <= 1 and other["settings"]["background"] is True
+    assert "background_noise" not in res
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ class SampleMetrics(Callback):
 
     Args:
         num_samples, sampling, seed, batch_size, extractors, classifier, inception_weights, reference_split,
-            reference_num, cache_dir: see :class:`~ddpm_lightning.metrics.evaluator.Evaluator`.
+            reference_num, cache_dir, background: see :class:`~ddpm_lightning.metrics.evaluator.Evaluator`.
         every_n_epochs: also evaluate during ``fit`` every n epochs (``None``: only at ``ddpm test``).
     """
 
@@ -43,6 +43,7 @@ class SampleMetrics(Callback):
         reference_num: int | None = None,
         every_n_epochs: int | None = None,
         cache_dir: str | None = None,
+        background: bool = False,
     ) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError("every_n_epochs must be >= 1 (or null)")
@@ -57,6 +58,7 @@ class SampleMetrics(Callback):
             reference_split=reference_split,
             reference_num=reference_num,
             cache_dir=cache_dir,
+            background=background,
         )
         self.every_n_epochs = every_n_epochs
         self.results: dict[str, float] = {}

@@ -147,7 +147,7 @@ class Evaluator:
     def _gathered_mean(value: float, count: int, gather: Callable[[Tensor], Tensor] | None) -> float:
         if gather is None:
             return value
-        both = gather(torch.tensor([value * count, float(count)], dtype=torch.float64))  # (world, 2)
+        both = gather(torch.tensor([value * count, float(count)], dtype=torch.float64)).reshape(-1, 2)  # (world, 2)
         return float(both[:, 0].sum() / both[:, 1].sum())
 
     def evaluate(
