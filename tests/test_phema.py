@@ -3,11 +3,13 @@ tracked exactly, the callback's snapshots (beside the EMA callback, across a res
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from scaleout import callback, load_ckpt, only_run_dir, recipe_args, write_fragment
 
 from ddpm_lightning.cli import build_cli, main
@@ -178,6 +180,16 @@ def test_callback_snapshots_survive_a_resume_and_phema_writes_a_loadable_checkpo
         ["sample", "--ckpt_path", str(out), "--out_dir", str(tmp_path / "s"), "--num_samples", "2", "--num_steps", "2"]
     )
     assert (tmp_path / "s" / "grid.png").is_file()
+
+    # --sweep: each length written and scored with the recipe's data by one evaluator
+    recipe = str(REPO / "configs" / "mnist.yaml")
+    sweep = ["--sweep", "true", "--recipe", recipe, "--data_root", str(shared_data), "--num_samples", "20"]
+    sweep += ["--batch_size", "20", "--sampler", "ddim", "--num_steps", "2", "--out_dir", str(tmp_path / "sw")]
+    main(["phema", "--ckpt_dir", str(straight_dir), "--sigma_rel", "0.05", "0.1", *sweep])
+    rows = json.loads((tmp_path / "sw" / "phema-sweep.json").read_text())
+    assert [r["name"] for r in rows] == ["sigma_rel=0.05", "sigma_rel=0.1"]
+    assert all(r["fid_classifier"] > 0 and 0 <= r["background_noise"] <= 1 for r in rows)
+    assert (tmp_path / "sw" / "phema-step=0000006-sigma_rel=0.05.ckpt").is_file()
 
 
 def test_phema_command_errors_are_one_line(tmp_path, capsys) -> None:

@@ -3,7 +3,7 @@
     ddpm phema --ckpt_dir lightning_logs/version_0/checkpoints --sigma_rel 0.03 --out ema-0.03.ckpt
     ddpm phema --ckpt_dir DIR --decay 0.999 --out ema-decay0.999.ckpt          # the classic EMA it equals
     ddpm phema --config configs/mnist_conditional.yaml --ckpt_dir DIR --sweep true \\
-        --sigma_rel 0.02 --sigma_rel 0.05 --sigma_rel 0.1 --sigma_rel 0.2          # score each with the metrics
+        --sigma_rel 0.02 0.05 0.1 0.2                                              # score each with the metrics
 
 The least-squares combination of the snapshots in ``DIR/phema/`` (Karras et al. 2024, Appendix C; see
 :mod:`ddpm_lightning.phema`) replaces the weights of a base checkpoint (``DIR/last.ckpt`` by default): the result is
