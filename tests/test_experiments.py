@@ -150,6 +150,8 @@ def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_da
         ({"evaluations": {"e": {"weights": "swa"}}}, "unknown weights 'swa'; choose one of: ema, raw"),
         ({"evaluations": {"e": {"checkpoints": "best"}}}, "unknown checkpoints 'best'; choose one of: all, last"),
         ({"evaluations": {"e": {"sampler": "bogus"}}}, "'e': unknown sampler 'bogus'; choose one of: ddpm, ddim"),
+        ({"variants": {"a": {"budget": {"max_epochs": 2}}}}, "variant 'a': budget may set only: max_steps, max_time"),
+        ({"budget_minutes": 0}, "budget_minutes must be a number > 0, got 0"),
     ],
 )
 def test_bad_study_is_one_line_error(tmp_path, capsys, changes, message):
@@ -181,6 +183,20 @@ def test_shipped_studies_are_valid_and_share_the_baseline_run():
     assert ids["ema"][("baseline", 0)] == baseline
     assert ids["sampling"][("baseline", 0)] == baseline
     assert ids["schedules"][("linear", 1)] != baseline
+
+
+def test_a_variant_budget_replaces_the_study_budget_and_sets_its_minutes_per_step(tmp_path):
+    """time_to_quality-style budgets: steps at each variant's own speed for the same quiet-machine minutes."""
+    path = _study(tmp_path, budget_minutes=10, variants={"a": {}, "b": {"x.y": 1, "budget": {"max_steps": 8}}})
+    study = study_files.load_study(path)
+    specs = {s["variant"]: s for s in study_files.run_specs(study)}
+    assert specs["a"]["train"]["budget"] == {"max_steps": 4} and specs["b"]["train"]["budget"] == {"max_steps": 8}
+    assert specs["b"]["train"]["overrides"] == {"x.y": 1}  # the budget is no CLI override
+    assert study_files.minutes_per_step(study, "a") == 2.5 and study_files.minutes_per_step(study, "b") == 1.25
+    assert "--trainer.max_steps 8" in " ".join(run.fit_command(specs["b"]["train"], tmp_path, None))
+    # the shipped study: the recipe's 530 steps stand for 10 minutes
+    shipped = study_files.load_study(REPO / "experiments" / "studies" / "time_to_quality.yaml")
+    assert study_files.minutes_per_step(shipped, "recipe") == pytest.approx(10 / 530)
 
 
 def test_fit_command_passes_budget_seed_data_and_checkpointing(tmp_path):
