@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning import demo
 from ddpm_lightning.callbacks import EMA
-from ddpm_lightning.cli import main as ddpm_main
+from ddpm_lightning.main import main as ddpm_main
 from ddpm_lightning.module import DiffusionModule
 
 CHROMIUM = Path(os.environ.get("DDPM_CHROMIUM", "/usr/bin/chromium"))
