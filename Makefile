@@ -7,7 +7,7 @@ DATA ?= data
 install:  ## the package and its test tools, at CI's exact versions (constraints/ci.txt; pyproject.toml has the ranges)
 	$(PYTHON) -m pip install -e ".[dev]" -c constraints/ci.txt
 
-install-keep-torch:  ## into an environment with its own torch (a cluster's CUDA build), never replacing it; EXTRAS=bench
+install-keep-torch:  ## into an environment with its own torch (a cluster's CUDA build), never replacing it, ending in a working ddpm; EXTRAS=bench
 	PYTHON=$(PYTHON) scripts/install_keep_torch.sh $(EXTRAS)
 
 constraints:  ## rewrite constraints/ci.txt from this environment (run in the CI environment after an upgrade)

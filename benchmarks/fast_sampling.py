@@ -4,7 +4,7 @@ sampler, on the same network shape, interleaved in one process.
     python -m benchmarks.fast_sampling --output benchmarks/FAST_SAMPLING.md
     python -m benchmarks.fast_sampling --sampler dpmpp_2m --num_steps 10 --shape mnist
 
-"Equal quality" is measured elsewhere, on trained checkpoints: ``ddpm sweep --nfe`` (README, "Samplers: quality per
+"Equal quality" is measured elsewhere, on trained checkpoints: ``ddpm sweep --nfe`` (docs/samplers.md, "Quality per
 network evaluation") finds the NFE at which the solver reaches DDIM-50's FID. This script times what each takes to
 draw a sample at that setting (untrained weights: time does not depend on them). Rows, each as its users run it:
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads; batch {args.batch}, {args.rounds} rounds (order rotates), median",
         f"- 1-minute load average before the run: {load if load is not None else 'n/a'}",
         "- equal quality: the fast setting reaches DDIM-50's classifier FID on the trained MNIST checkpoints "
-        '(README, "Samplers: quality per network evaluation")',
+        '(docs/samplers.md, "Quality per network evaluation")',
         *[f"- {note}" for note in notes],
         "",
         "| sampler | NFE per sample | seconds per sample | ours-fast is faster by |",

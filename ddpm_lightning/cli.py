@@ -1,14 +1,15 @@
-"""``ddpm``: the LightningCLI over :class:`DiffusionModule` and the DataModules, and the entry of every command.
+"""The CLI core: the LightningCLI over :class:`DiffusionModule` and the DataModules, and the one-line errors.
 
-``ddpm fit|validate|test`` is LightningCLI (``test`` also computes the sample metrics configured under ``metrics``);
-``--config`` YAML files; ``--print_config``. The other commands (``sample``, ``sweep``, ``demo``, ``classifier ...``)
-are listed in one registry, :data:`ddpm_lightning.commands.COMMANDS`, which ``ddpm --help`` prints. Values the data
-decides (channels, image size, number of classes) are linked from the DataModule into the model; the same parser
-and links build a DataModule from a recipe for the other commands (:func:`datamodule_from_recipe`). Checkpoints
-given with ``--ckpt_path`` are loaded with ``weights_only=True`` by default.
+``ddpm fit|validate|test`` is this LightningCLI (``test`` also computes the sample metrics configured under
+``metrics``); ``--config`` YAML files; ``--print_config``. Values the data decides (channels, image size, number of
+classes) are linked from the DataModule into the model; the same parser and links build a DataModule from a recipe
+for the other commands (:func:`datamodule_from_recipe`). Checkpoints given with ``--ckpt_path`` are loaded with
+``weights_only=True`` by default. The commands (:mod:`ddpm_lightning.commands`) use this module, never the reverse;
+``ddpm`` itself is :func:`ddpm_lightning.main.main`. ``python -m ddpm_lightning.cli fit|validate|test ...`` runs
+the LightningCLI alone (what ``torchrun`` starts).
 
 Bad input (an unknown schedule, an impossible image size, a missing dataset, ...) ends with a one-line
-``ddpm: error: ...`` and exit code 2; set ``DDPM_DEBUG=1`` to see the full traceback instead.
+``ddpm: error: ...`` and exit code 2 (:func:`one_line_errors`); set ``DDPM_DEBUG=1`` to see the full traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pickle
 import sys
 import warnings
 from argparse import ArgumentError
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -162,27 +165,30 @@ def datamodule_from_recipe(recipe: str | os.PathLike, data_root: str | None = No
     return cli.datamodule
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point: run the command, turning user errors into one line and exit code 2."""
-    from ddpm_lightning.commands import COMMANDS, usage
-
-    argv = sys.argv[1:] if args is None else list(args)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return
+@contextmanager
+def one_line_errors(command: str) -> Iterator[None]:
+    """Turn a user error raised inside into ``ddpm: error: ...`` (one line) and exit code 2; ``DDPM_DEBUG=1`` keeps
+    the traceback. ``command`` names the ``--help`` to read after a rejected option."""
     try:
-        if argv[0] not in COMMANDS:
-            raise ValueError(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
-        COMMANDS[argv[0]].run(argv[1:])
+        yield
     except USER_ERRORS as err:
         if os.environ.get("DDPM_DEBUG"):
             raise
         msg = " ".join(line.strip() for line in str(err).strip().splitlines()) or type(err).__name__
         if isinstance(err, ArgumentError):
-            msg += f" (see `ddpm {argv[0]} --help`)"
-        print(f"ddpm: error: {msg}", file=sys.stderr)
+            msg += f" (see `{PROG} {command} --help`)"
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 
+def run_lightning(argv: list[str], classifier: bool = False) -> DDPMCLI:
+    """``ddpm [classifier] fit|validate|test ...``: ``argv`` starts with the subcommand."""
+    with warnings.catch_warnings():
+        # argv goes in as `args`; Lightning warns when sys.argv has arguments too
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return (build_classifier_cli if classifier else build_cli)(argv)
+
+
 if __name__ == "__main__":
-    main()
+    with one_line_errors(" ".join(sys.argv[1:2]) or "fit"):
+        run_lightning(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Export a DiffusionModule to diffusers' folder layout, and load a diffusers UNet2DModel folder into our U-Net.
+"""Export a DiffusionModule to diffusers' folder layout (:mod:`ddpm_lightning.hub_import` reads one back).
 
 The folder (``DDPMPipeline.from_pretrained(folder)`` loads it, without ddpm-lightning installed)::
 
@@ -8,8 +8,8 @@ The folder (``DDPMPipeline.from_pretrained(folder)`` loads it, without ddpm-ligh
     scheduler/scheduler_config.json           a DDPMScheduler giving our betas, prediction type and clipping
     README.md                                 the model card
 
-Only safetensors are read or written: a pickled ``.bin`` can run code when loaded. This module imports torch,
-safetensors and the standard library only; diffusers is needed by whoever loads the folder, not by us.
+Only safetensors are written: a pickled ``.bin`` can run code when loaded. This module imports torch, safetensors
+and the standard library only; diffusers is needed by whoever loads the folder, not by us.
 """
 
 from __future__ import annotations
@@ -18,33 +18,23 @@ import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ddpm_lightning.hub_card import model_card
-from ddpm_lightning.nn import UNet
+from ddpm_lightning.hub_import import WEIGHTS_NAME
+from ddpm_lightning.module import DiffusionModule
 from ddpm_lightning.nn.diffusers_layout import (
     DIFFUSERS_VERSION,
-    WeightEntry,
-    expected_shapes,
-    first_config_mismatch,
-    from_diffusers,
-    rename_legacy_attention,
     to_diffusers,
     unet2d_config,
     weight_table,
 )
 from ddpm_lightning.schedules import SCHEDULES, make_betas
 
-if TYPE_CHECKING:
-    from ddpm_lightning.module import DiffusionModule
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-#: weight files diffusers may hold that are pickles (refused) rather than safetensors
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: our prediction_type -> DDPMScheduler's
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 #: Nichol & Dhariwal 2021's cosine schedule as diffusers names it: s = 0.008 and betas capped at 0.999
@@ -170,8 +160,6 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     or one folder up, and the ``<checkpoint stem>.metrics.*.json`` files beside it. A missing, truncated or unsafe
     file gives a one-line error.
     """
-    from ddpm_lightning.module import DiffusionModule  # here: module.py builds the U-Net, which imports this file
-
     ckpt = Path(ckpt_path)
     module = DiffusionModule.from_checkpoint(ckpt, "cpu")  # one-line errors for a missing, corrupt or unsafe file
     raw = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # the step counters; no copy
@@ -179,57 +167,3 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     training["config"] = _run_config(ckpt)
     metrics = sorted(ckpt.parent.glob(f"{ckpt.stem}.metrics.*.json"))
     return export_diffusers(module, out_dir, training=training, metrics=metrics)
-
-
-# -- import --------------------------------------------------------------------------------------------------------
-def find_unet_folder(path: str | Path) -> Path:
-    """The folder holding the UNet2DModel's ``config.json``: ``path/unet`` (a pipeline folder) or ``path``."""
-    root = Path(path)
-    for folder in (root / "unet", root):
-        if (folder / "config.json").is_file():
-            return folder
-    raise FileNotFoundError(
-        f"no diffusers UNet2DModel in {str(root)!r}: found neither unet/config.json nor config.json"
-    )
-
-
-def _read_weights(folder: Path) -> dict[str, Tensor]:
-    if (folder / WEIGHTS_NAME).is_file():
-        return load_file(str(folder / WEIGHTS_NAME))
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(
-            f"refusing to load {pickles[0]!r} in {str(folder)!r}: pickled weights can run code, only {WEIGHTS_NAME} "
-            "is read (convert once where you trust the file: diffusers' UNet2DModel.from_pretrained(folder)"
-            ".save_pretrained(folder))"
-        )
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
-
-
-def _first_tensor_mismatch(net: UNet, weights: dict[str, Tensor], table: list[WeightEntry]) -> str | None:
-    expected = expected_shapes(net, table)
-    for name, shape in expected.items():
-        if name not in weights:
-            return f"tensor {name} is missing from the folder"
-        if tuple(weights[name].shape) != shape:
-            return f"tensor {name}: folder has shape {tuple(weights[name].shape)}, our U-Net needs {shape}"
-    extra = sorted(set(weights) - set(expected))
-    return f"tensor {extra[0]} in the folder has no place in our U-Net" if extra else None
-
-
-def load_diffusers_unet(path: str | Path, net: UNet) -> UNet:
-    """Copy the weights of a diffusers UNet2DModel folder into ``net`` (in place) and return ``net``.
-
-    ``path`` is a UNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a pipeline folder with
-    ``unet/``. The config's architecture fields, then every tensor's name and shape, must be ``net``'s; the first
-    difference is a one-line ValueError. Old diffusers attention names (``query``, ``proj_attn``, ...) are accepted.
-    """
-    folder = find_unet_folder(path)
-    found = json.loads((folder / "config.json").read_text())
-    if (mismatch := first_config_mismatch(unet2d_config(net), found)) is None:
-        weights = rename_legacy_attention(_read_weights(folder))
-        table = weight_table(net)
-        if (mismatch := _first_tensor_mismatch(net, weights, table)) is None:
-            net.load_state_dict(from_diffusers(weights, table, net))
-            return net
-    raise ValueError(f"cannot load {str(folder)!r} into this U-Net: {mismatch}")

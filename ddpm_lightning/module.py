@@ -25,6 +25,7 @@ from ddpm_lightning.diffusion import (
     PredictionType,
     TimestepSampling,
 )
+from ddpm_lightning.hub_import import load_diffusers_unet
 from ddpm_lightning.nn import UNet
 from ddpm_lightning.nn.unet import SHAPE_OPTIONS
 from ddpm_lightning.samplers import Generators, guided_denoise_fn
@@ -142,9 +143,10 @@ class DiffusionModule(L.LightningModule):
             in_channels=in_channels,
             image_size=image_size,
             num_classes=num_classes if conditional else None,
-            init_from=init_from,
             **shape,
         )
+        if init_from is not None:  # the folder is read and checked here; the network only receives its weights
+            load_diffusers_unet(init_from, self.net)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         betas = make_betas(schedule, num_timesteps, **(schedule_params or {}))

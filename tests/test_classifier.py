@@ -15,7 +15,8 @@ from ddpm_lightning.classifier import (
     load_test_split,
     random_shift,
 )
-from ddpm_lightning.cli import build_classifier_cli, main
+from ddpm_lightning.cli import build_classifier_cli
+from ddpm_lightning.main import main
 
 #: the issue's targets on the real 10k test sets
 MIN_TEST_ACCURACY = {"mnist": 0.990, "fashion_mnist": 0.900}

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import CONFIGS, TINY_MODEL_ARGS
 
-from ddpm_lightning.cli import build_cli, main
+from ddpm_lightning.cli import build_cli
+from ddpm_lightning.main import main
 
 
 def _data_args(root) -> list[str]:

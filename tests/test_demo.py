@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning import demo
 from ddpm_lightning.callbacks import EMA
-from ddpm_lightning.cli import main as ddpm_main
+from ddpm_lightning.main import main as ddpm_main
 from ddpm_lightning.module import DiffusionModule
 
 CHROMIUM = Path(os.environ.get("DDPM_CHROMIUM", "/usr/bin/chromium"))
@@ -359,7 +359,7 @@ def test_browser_generates_and_same_seed_gives_same_image(server, model, tmp_pat
 
 @pytest.mark.skipif(not os.environ.get("DDPM_DEMO_SCREENSHOT"), reason="set DDPM_DEMO_SCREENSHOT=docs/demo.png")
 def test_screenshot_for_docs(tiny_ckpt, tmp_path):
-    """Re-take the README's screenshot: DDPM_DEMO_CKPT (default: the tiny test model) after one generation."""
+    """Re-take docs/demo.md's screenshot: DDPM_DEMO_CKPT (default: the tiny test model) after one generation."""
     model = DiffusionModule.from_checkpoint(os.environ.get("DDPM_DEMO_CKPT") or tiny_ckpt, "cpu")
     app, url = _start(model, tmp_path, max_batch=64)
     pw, context, _ = _browser(tmp_path)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import REPO, TINY_MODEL_ARGS
 
-from ddpm_lightning.cli import build_cli, main
+from ddpm_lightning.cli import build_cli
+from ddpm_lightning.main import main
 
 CONFIG = REPO / "configs" / "mnist_conditional.yaml"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scaleout import load_ckpt, only_run_dir, recipe_args, write_fragment
 
-from ddpm_lightning.cli import main
 from ddpm_lightning.diffusion import GaussianDiffusion
+from ddpm_lightning.main import main
 
 
 def _main_exit(args: list[str], capsys) -> str:

@@ -23,8 +23,9 @@ except ModuleNotFoundError:
         raise
     pytest.skip("the [hf] extra (datasets) is not installed", allow_module_level=True)
 
-from ddpm_lightning.cli import build_cli, main
+from ddpm_lightning.cli import build_cli
 from ddpm_lightning.data import HFDataModule
+from ddpm_lightning.main import main
 
 pytestmark = pytest.mark.usefixtures("no_network")  # every test: no look-up or connection beyond loopback
 

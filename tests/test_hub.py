@@ -18,8 +18,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from standins import write_image_folder
 
-from ddpm_lightning.cli import build_cli, main
-from ddpm_lightning.hub import beta_schedule_config, export_checkpoint, export_diffusers, load_diffusers_unet
+from ddpm_lightning.cli import build_cli
+from ddpm_lightning.hub import beta_schedule_config, export_checkpoint, export_diffusers
+from ddpm_lightning.hub_import import load_diffusers_unet
+from ddpm_lightning.main import main
 from ddpm_lightning.module import DiffusionModule
 from ddpm_lightning.nn import UNet
 from ddpm_lightning.samplers import ddim_sample, ddim_timesteps, guided_denoise_fn

@@ -12,7 +12,8 @@ import torch
 from conftest import REPO
 from scaleout import callback, load_ckpt, only_run_dir, recipe_args, write_fragment
 
-from ddpm_lightning.cli import build_cli, main
+from ddpm_lightning.cli import build_cli
+from ddpm_lightning.main import main
 from ddpm_lightning.phema import (
     combine,
     decay_to_sigma_rel,

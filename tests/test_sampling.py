@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from conftest import REPO
 
-from ddpm_lightning.cli import main
 from ddpm_lightning.commands import COMMANDS
 from ddpm_lightning.diffusion import GaussianDiffusion
+from ddpm_lightning.main import main
 from ddpm_lightning.metrics.evaluator import kid_subset_size
 from ddpm_lightning.metrics.stats import kid
 from ddpm_lightning.sampling import SAMPLERS, SamplingConfig, sample
@@ -113,10 +114,40 @@ def test_sample_reads_the_recipe_sampling_section(capsys):
     )
 
 
+def _printed_config(capsys, argv: list[str]) -> dict:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--print_config"])
+    assert info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_config_is_a_recipe_or_the_commands_own_options_applied_in_order(tmp_path, capsys):
+    """One --config action: a recipe's sections or a file --print_config wrote; what comes later on the line wins."""
+    recipe = REPO / "configs" / "mnist_conditional.yaml"
+    printed = _printed_config(capsys, ["sample", f"--config={recipe}", "--ckpt_path=a.ckpt", "--num_steps=7"])
+    assert (printed["sampler"], printed["num_steps"], printed["guidance_scale"]) == ("unipc", 7, 3.0)
+    before = _printed_config(capsys, ["sample", "--num_steps=7", f"--config={recipe}", "--ckpt_path=a.ckpt"])
+    assert before["num_steps"] == 10  # the recipe came later
+
+    own = tmp_path / "sample.yaml"
+    own.write_text(yaml.safe_dump({**printed, "seed": 5}))
+    again = _printed_config(capsys, ["sample", f"--config={own}", "--labels", "3"])
+    assert again == {**printed, "seed": 5, "labels": [3]}
+
+    with pytest.raises(SystemExit) as info:
+        main(["export", f"--config={recipe}", "--out_dir=x"])
+    err = capsys.readouterr().err
+    assert (
+        info.value.code == 2
+        and err == "ddpm: error: ddpm export reads no training recipe; --config takes a file of its own options\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
         (["sweep", "--ckpt_path=x"], "recipe"),
+        (["sample", "--config=nowhere.yaml"], "--config 'nowhere.yaml': No such file or directory"),
         (["sample"], "ckpt_path"),
         (["bogus"], "unknown command 'bogus'; choose one of: fit, validate, test"),
     ],

@@ -1,18 +1,19 @@
 """The ``ddpm`` commands, one registry: ``ddpm --help`` lists it, ``ddpm NAME ...`` runs its entry.
 
-``fit``/``validate``/``test`` and ``classifier fit|validate|test`` are LightningCLI (jsonargparse) over the
-DiffusionModule and the ClassifierModule; the others are jsonargparse parsers built the same way
-(:mod:`ddpm_lightning.commands.base`): ``--config``, ``--print_config``, one-line errors.
+``fit``/``validate``/``test`` and ``classifier fit|validate|test`` are the LightningCLI of :mod:`ddpm_lightning.cli`
+over the DiffusionModule and the ClassifierModule; the others are jsonargparse parsers built the same way
+(:mod:`ddpm_lightning.commands.base`): ``--config``, ``--print_config``, one-line errors. The arrows run one way:
+the commands use the CLI core; :mod:`ddpm_lightning.main` dispatches to them.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
+from ddpm_lightning.cli import run_lightning
 from ddpm_lightning.commands.base import run_command
 
 
@@ -22,14 +23,6 @@ class Command:
     run: Callable[[list[str]], Any]
 
 
-def _lightning(argv: list[str]) -> Any:
-    from ddpm_lightning.cli import build_cli
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv: sys.argv minus the command
-        return build_cli(argv)
-
-
 def _module(name: str, prog: str) -> Callable[[list[str]], Any]:
     return lambda argv: run_command(import_module(f"ddpm_lightning.commands.{name}"), prog, argv)
 
@@ -37,12 +30,7 @@ def _module(name: str, prog: str) -> Callable[[list[str]], Any]:
 def _classifier(argv: list[str]) -> Any:
     if argv[:1] == ["export"]:
         return _module("classifier_export", "ddpm classifier export")(argv[1:])
-    from ddpm_lightning.cli import build_classifier_cli
-
-    with warnings.catch_warnings():
-        # argv minus its first word goes in as `args`; Lightning warns when sys.argv has arguments too
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return build_classifier_cli(argv)
+    return run_lightning(argv, classifier=True)
 
 
 def _predict(argv: list[str]) -> Any:
@@ -53,10 +41,10 @@ def _predict(argv: list[str]) -> Any:
 
 
 COMMANDS: dict[str, Command] = {
-    "fit": Command("train a model: ddpm fit --config configs/mnist.yaml", lambda argv: _lightning(["fit", *argv])),
-    "validate": Command("validation loss of a checkpoint", lambda argv: _lightning(["validate", *argv])),
+    "fit": Command("train a model: ddpm fit --config configs/mnist.yaml", lambda argv: run_lightning(["fit", *argv])),
+    "validate": Command("validation loss of a checkpoint", lambda argv: run_lightning(["validate", *argv])),
     "test": Command(
-        "test loss and sample metrics (FID/KID/IS, accuracy) of a checkpoint", lambda a: _lightning(["test", *a])
+        "test loss and sample metrics (FID/KID/IS, accuracy) of a checkpoint", lambda a: run_lightning(["test", *a])
     ),
     "sample": Command("write samples of a checkpoint (grid, PNGs, npz, trajectory)", _module("sample", "ddpm sample")),
     "sweep": Command("sample quality and cost against steps / samplers", _module("sweep", "ddpm sweep")),

@@ -1,19 +1,22 @@
 """What every ``ddpm`` command shares: one jsonargparse parser style, recipe files, sampling flags, one-line errors.
 
 A command is a module with ``DESCRIPTION``, ``add_arguments(parser)``, ``run(cfg)`` and optionally
-``from_recipe(recipe, path) -> defaults``; :func:`run_command` builds its parser, applies ``--config`` and runs it.
+``from_recipe(recipe, path) -> options``; :func:`run_command` builds its parser, parses and runs it.
 
-``--config FILE`` takes either a training recipe (a file with ``model``/``data``/``trainer`` sections, as in
-``configs/``): the command reads what it needs from it (e.g. ``model.sampling``); or a file of this command's own
-options, as ``--print_config`` writes it. Options given after ``--config`` override it.
+``--config FILE`` (one jsonargparse config action, :class:`RecipeOrOptions`) takes either a training recipe (a file
+with ``model``/``data``/``trainer`` sections, as in ``configs/``): the command reads what it needs from it (e.g.
+``model.sampling``); or a file of this command's own options, as ``--print_config`` writes it. Either is applied
+where it stands on the command line: options given after ``--config`` override it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,10 +30,28 @@ RECIPE_SECTIONS = ("model", "data", "trainer")
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
 
 
-def new_parser(prog: str, description: str) -> ArgumentParser:
-    """The parser style of every command: YAML, no prefix abbreviations, errors raised (one line, exit 2)."""
+class RecipeOrOptions(ActionConfigFile):
+    """``--config FILE``: a training recipe, read through the command's ``from_recipe``, or a file of its options."""
+
+    from_recipe: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
+    prog = "ddpm"
+
+    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None) -> None:
+        recipe = read_recipe(values) if isinstance(values, (str, os.PathLike)) else None
+        if recipe is None:  # a file (or string) of this command's own options: jsonargparse's own config file
+            return super().__call__(parser, cfg, values, option_string)
+        if self.from_recipe is None:
+            raise ValueError(f"{self.prog} reads no training recipe; --config takes a file of its own options")
+        # the options the recipe gives, applied here as a config string (what ActionConfigFile also accepts)
+        return super().__call__(parser, cfg, json.dumps(self.from_recipe(recipe, str(values))), option_string)
+
+
+def new_parser(prog: str, description: str, from_recipe: Callable | None = None) -> ArgumentParser:
+    """The parser style of every command: YAML, no prefix abbreviations, errors raised (one line, exit 2), and a
+    ``--config`` that reads a training recipe through ``from_recipe`` (None: this command reads none)."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, parser_mode="yaml")
-    parser.add_argument("--config", action=ActionConfigFile, help="a training recipe or a file of these options")
+    action = type("RecipeOrOptions", (RecipeOrOptions,), {"from_recipe": staticmethod(from_recipe), "prog": prog})
+    parser.add_argument("--config", action=action, help="a training recipe or a file of these options")
     return parser
 
 
@@ -67,42 +88,15 @@ def recipe_sampling(recipe: dict[str, Any]) -> dict[str, Any]:
     return dict(((recipe.get("model") or {}).get("sampling")) or {})
 
 
-def _split_recipe(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    """argv without the ``--config RECIPE`` pairs, and those recipes (path, sections) in order."""
-    rest: list[str] = []
-    recipes: list[tuple[str, dict[str, Any]]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        path = None
-        if arg == "--config" and i + 1 < len(argv):
-            path, step = argv[i + 1], 2
-        elif arg.startswith("--config="):
-            path, step = arg.split("=", 1)[1], 1
-        if path is not None and (recipe := read_recipe(path)) is not None:
-            recipes.append((path, recipe))
-            i += step
-            continue
-        rest.append(arg)
-        i += 1
-    return rest, recipes
-
-
 def build_parser(command: ModuleType, prog: str) -> ArgumentParser:
-    parser = new_parser(prog, command.DESCRIPTION)
+    parser = new_parser(prog, command.DESCRIPTION, getattr(command, "from_recipe", None))
     command.add_arguments(parser)
     return parser
 
 
 def run_command(command: ModuleType, prog: str, argv: Sequence[str]) -> Any:
-    """Parse ``argv`` for ``command`` (recipes first, as defaults) and run it."""
-    parser = build_parser(command, prog)
-    rest, recipes = _split_recipe(list(argv))
-    for path, recipe in recipes:
-        if not hasattr(command, "from_recipe"):
-            raise ValueError(f"{prog} reads no training recipe; --config takes a file of its own options")
-        parser.set_defaults(**command.from_recipe(recipe, path))
-    cfg = parser.parse_args(rest)
+    """Parse ``argv`` for ``command`` and run it."""
+    cfg = build_parser(command, prog).parse_args(list(argv))
     cfg.pop("config", None)
     return command.run(cfg)
 

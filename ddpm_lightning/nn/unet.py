@@ -13,14 +13,14 @@ The network sees only the integer (or float) timestep ``t``; the noise schedule 
 The options ``norm_eps``, ``downsample_padding``, ``time_freq_shift``, ``time_flip_sin_to_cos`` and
 ``attention_head_dim`` cover the ways diffusers' ``UNet2DModel`` can differ (its DDPM ports, e.g.
 ``google/ddpm-cifar10-32``: ``norm_eps=1e-6, downsample_padding="bottom_right"``); their defaults are the
-layout above. :mod:`ddpm_lightning.nn.diffusers` maps between the two, ``init_from`` loads such a folder.
+layout above. :mod:`ddpm_lightning.nn.diffusers_layout` maps between the two; the network never reads files (the
+module hands it a diffusers folder's weights, read by :mod:`ddpm_lightning.hub_import`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -190,9 +190,6 @@ class UNet(nn.Module):
         time_flip_sin_to_cos: order the sinusoids ``[cos, sin]`` (diffusers' default) instead of ``[sin, cos]``.
         attention_head_dim: channels per attention head, so a level of width ``w`` gets ``w // attention_head_dim``
             heads (as diffusers counts them); ``None``: ``num_heads`` heads at every level.
-        init_from: a diffusers ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or
-            a pipeline folder holding ``unet/``) whose weights replace the initial ones, after checking that its
-            configuration and tensor shapes are this network's (see :func:`ddpm_lightning.hub.load_diffusers_unet`).
     """
 
     def __init__(
@@ -213,7 +210,6 @@ class UNet(nn.Module):
         time_freq_shift: int = 1,
         time_flip_sin_to_cos: bool = False,
         attention_head_dim: int | None = None,
-        init_from: str | Path | None = None,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -264,10 +260,6 @@ class UNet(nn.Module):
         ch = widths[0]
         self.norm_out = nn.GroupNorm(num_groups, ch, eps=norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, self.out_channels, kernel_size=3, padding=1))
-        if init_from is not None:
-            from ddpm_lightning.hub import load_diffusers_unet  # here: hub imports this module
-
-            load_diffusers_unet(init_from, self)
 
     @property
     def null_label(self) -> int:
