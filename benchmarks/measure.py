@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
+from ddpm_lightning.precision import cpuinfo_field
+
 #: dense bf16 tensor-core peak in TFLOP/s by device-name fragment (vendor data sheets, SXM parts, no sparsity);
 #: the first fragment found in ``torch.cuda.get_device_name()`` wins, so the more specific names come first
 GPU_BF16_PEAK_TFLOPS = {
@@ -183,12 +185,7 @@ class PeakMemory:
 
 def cpu_name() -> str:
     """The CPU model from ``/proc/cpuinfo`` (falls back to ``platform.processor()``)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def _cpu_ticks() -> dict[int, tuple[int, str]]:
@@ -239,12 +236,7 @@ AMX_BF16_FMA_PER_CYCLE = 1024
 
 def cpu_flags() -> set[str]:
     """The ISA flags of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cpu_clock_hz() -> tuple[float | None, str]:
@@ -253,11 +245,9 @@ def cpu_clock_hz() -> tuple[float | None, str]:
     cpufreq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
     if cpufreq.exists():
         return int(cpufreq.read_text()) * 1e3, "cpufreq cpuinfo_max_freq"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":", 1)[1]) * 1e6, "/proc/cpuinfo cpu MHz (no cpufreq: boost clock unknown)"
+    mhz = cpuinfo_field("cpu MHz")
+    if mhz is not None:
+        return float(mhz) * 1e6, "/proc/cpuinfo cpu MHz (no cpufreq: boost clock unknown)"
     return None, "unknown"
 
 
@@ -300,9 +290,4 @@ def cpu_fma_peak(threads: int) -> dict[str, Any]:
 
 
 def _cpu_vendor() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    return ""
+    return cpuinfo_field("vendor_id") or ""

@@ -21,17 +21,23 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 AUTO = "auto"
 
 
-def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    """The bf16 arithmetic flags this CPU has (empty where there are none, or no /proc/cpuinfo)."""
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (e.g. ``flags``, ``model name``), or None."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return []
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in CPU_BF16_FLAGS if f in flags]
-    return []
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The bf16 arithmetic flags this CPU has (empty where there are none, or no /proc/cpuinfo)."""
+    flags = set((cpuinfo_field("flags", cpuinfo) or "").split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
 def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
