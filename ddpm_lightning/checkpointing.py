@@ -12,12 +12,17 @@
 * :func:`rng_states` / :func:`set_rng_states` capture and restore the global torch generators, so the ``t`` and
   noise draws after a resume are the ones the uninterrupted run would have made; :class:`ExactResume` is the
   callback that does it at the right moments.
+* :class:`FinalCheckpoint` writes ``last.ckpt`` at the last completed step whenever training stops: ``max_steps``
+  or ``max_time`` mid-epoch, early stopping, SIGTERM (with or without SLURM's requeue), Ctrl-C; and names it in
+  the closing log line.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
@@ -28,8 +33,10 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 #: errors torch.load raises for a file that is not a whole checkpoint (truncated zip, empty file, random bytes)
@@ -181,3 +188,119 @@ class ExactResume(Callback):
         if self._to_restore is not None and trainer.ckpt_path:
             set_rng_states(self._to_restore, pl_module.device)
         self._to_restore = None
+
+
+class FinalCheckpoint(Checkpoint):
+    """``last.ckpt`` at the last completed step, however training stops; the CLI adds it to every run.
+
+    Lightning's :class:`ModelCheckpoint` writes ``last.ckpt`` only beside a top-k save (or at the end of a run that
+    saved nothing), so a run stopped by ``max_steps``/``max_time`` mid-epoch, by SIGTERM or by Ctrl-C loses every step
+    since the last epoch end. Here, at the end of the step after which the run stops, ``last.ckpt`` of the first
+    :class:`ModelCheckpoint` is written (atomically, through the strategy's checkpoint IO) unless it already holds
+    that step; the state is the one of a mid-epoch ``every_n_train_steps`` save, so ``--ckpt_path last`` resumes
+    exactly. The stops:
+
+    * ``max_steps`` reached, or ``trainer.should_stop`` set by the ``max_time`` Timer: at that step's end;
+    * SIGTERM (``scancel``, an eviction; Lightning sets ``trainer.received_sigterm``): the running step ends, the
+      checkpoint is written and the process exits with 143 (128 + SIGTERM). Under SLURM's requeue, SIGUSR1 makes
+      Lightning write ``hpc_ckpt_N.ckpt`` and requeue; the SIGTERM that follows writes ``last.ckpt`` as well;
+    * Ctrl-C (SIGINT): the running step ends, the checkpoint is written, then KeyboardInterrupt (a second Ctrl-C
+      interrupts at once, writing nothing more);
+    * early stopping and ``max_epochs``: at the end of the last epoch, if ``last.ckpt`` is not already at that step.
+
+    The closing log line names the file. A :class:`Checkpoint` for Lightning, so that its epoch-end hook runs with
+    the monitoring callbacks, after :class:`EarlyStopping` has decided.
+    """
+
+    def __init__(self) -> None:
+        self._interrupted = False
+        self._sigint_handler: Any = None
+        self._written: tuple[str, int] | None = None  # (path, global step) of last.ckpt, once known
+
+    # -- Ctrl-C: finish the step, then stop --------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._interrupted, self._written = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._sigint_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+        rank_zero_info("Ctrl-C: stopping after this step and writing last.ckpt (Ctrl-C again to stop at once)")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
+
+    # -- the stops -----------------------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        signalled = trainer.received_sigterm or self._interrupted
+        if trainer.world_size > 1:  # a signal may reach one rank only; every rank must join the save
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        limit = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+        stopping = trainer.should_stop and trainer.fit_loop._can_stop_early  # the max_time Timer, a callback
+        if not (signalled or limit or stopping):
+            return
+        self._save(trainer)
+        if trainer.received_sigterm:
+            raise SIGTERMException(128 + signal.SIGTERM)  # Lightning's own would exit 0, as if the run had finished
+        if self._interrupted:
+            raise KeyboardInterrupt
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the last epoch, or early stopping (decided in validation or by an earlier on_train_epoch_end); here, not in
+        # on_train_end, where the EMA callback has already replaced the raw weights by the average
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        if last_epoch or (trainer.should_stop and trainer.fit_loop._can_stop_early):
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._announce(trainer, "training ended")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
+            # raised by Lightning at a safe point (between steps, in validation); not so any other error: the state
+            # may be half-way through a step, or diverged, and last.ckpt keeps the previous good one
+            self._save(trainer)
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            self._announce(trainer, "stopped by SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C")
+
+    # -- writing -------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _target(trainer: L.Trainer) -> ModelCheckpoint | None:
+        cb = trainer.checkpoint_callback
+        return cb if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None else None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        cb = self._target(trainer)
+        if cb is None or trainer.global_step == 0 or trainer.fast_dev_run:
+            return
+        step = trainer.global_step
+        if self._written == (cb.last_model_path, step):
+            return
+        if (
+            cb.last_model_path
+            and cb._last_checkpoint_saved == cb.last_model_path
+            and cb._last_global_step_saved == step
+        ):
+            self._written = (cb.last_model_path, step)  # ModelCheckpoint wrote last.ckpt at this step itself
+            return
+        path = cb.format_checkpoint_name(cb._monitor_candidates(trainer), cb.CHECKPOINT_NAME_LAST)
+        cb.last_model_path = path  # part of the checkpoint's own state
+        trainer.save_checkpoint(path, cb.save_weights_only)
+        self._written = (path, step)
+        # ModelCheckpoint writes nothing more at this step: its on_train_end (and an epoch end after a mid-epoch
+        # stop) would replace this file by the state after the epoch, which resumes into the next epoch
+        cb._last_checkpoint_saved, cb._last_global_step_saved = path, step
+
+    def _announce(self, trainer: L.Trainer, why: str) -> None:
+        """The closing log line: where the final checkpoint is, and its step when known."""
+        cb = self._target(trainer)
+        if cb is None or not cb.last_model_path or not Path(cb.last_model_path).is_file():
+            return
+        at = f" (step {self._written[1]})" if self._written and self._written[0] == cb.last_model_path else ""
+        rank_zero_info(f"{why}: final checkpoint{at}: {Path(cb.last_model_path).resolve()}")

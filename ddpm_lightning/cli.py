@@ -34,6 +34,7 @@ from ddpm_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointLoadError,
     ExactResume,
+    FinalCheckpoint,
     checkpoint_load_error,
     find_last_checkpoint,
 )
@@ -104,7 +105,8 @@ class DDPMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        for always in (ExactResume, EffectiveBatchSize):  # every run resumes exactly and says its batch size
+        # every run resumes exactly, checkpoints its last step at any stop and says its batch size
+        for always in (ExactResume, FinalCheckpoint, EffectiveBatchSize):
             if not any(isinstance(cb, always) for cb in trainer.callbacks):
                 trainer.callbacks.append(always())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no plugin in the YAML
