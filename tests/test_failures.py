@@ -93,3 +93,26 @@ def test_checkpoint_with_code_is_refused_and_never_run(shared_data, tmp_path, mo
     assert line.startswith(f"ddpm: error: refusing to load checkpoint '{evil}': it holds objects that could run"), line
     assert "open" in line  # the global it refused
     assert not pwned.exists()  # weights_only=True refused the global before calling it
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_metrics_sampling_the_model_cannot_run_stops_before_training(
+    subcommand, shared_data, tmp_path, monkeypatch, capsys
+):
+    """UniPC on uniform spacing takes at most T - 1 = 19 steps on T = 20: SampleMetrics' dry run at set-up refuses 20
+    in one line, before any training step (fit, metrics every epoch) or test batch."""
+    from ddpm_lightning.module import DiffusionModule
+
+    monkeypatch.chdir(tmp_path)
+    steps = []
+    for name in ("training_step", "test_step"):
+        real = getattr(DiffusionModule, name)
+        monkeypatch.setattr(
+            DiffusionModule, name, lambda self, *a, _real=real, **k: steps.append(1) or _real(self, *a, **k)
+        )
+    fragment = write_fragment(tmp_path / "run.yaml", shared_data)
+    args = [subcommand, *recipe_args("mnist.yaml", fragment), "--model.num_timesteps=20", "--untrained=true"]
+    args += ["--metrics.sampling.sampler=unipc", "--metrics.sampling.num_steps=20", "--metrics.every_n_epochs=1"]
+    line = _main_exit(args, capsys)
+    assert line == "ddpm: error: num_steps must be an integer in [1, 19] for spacing 'uniform', got 20", line
+    assert steps == []  # not a training step nor a test batch ran
