@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import signal
+import struct
 import threading
 import uuid
+import zipfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -40,7 +43,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 #: errors torch.load raises for a file that is not a whole checkpoint (truncated zip, empty file, random bytes)
-_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError)
+_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError, struct.error)
 #: ... except these, which are about the path, not the bytes, and keep their own message
 _NOT_ABOUT_CONTENT = (FileNotFoundError, IsADirectoryError, PermissionError)
 
@@ -49,13 +52,20 @@ class CheckpointLoadError(ValueError):
     """A checkpoint file is truncated, corrupt, or holds objects that ``weights_only=True`` refuses to unpickle."""
 
 
+#: the paragraphs of torch's "Weights only load failed" message that are advice, not the reason
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
+
+
 def _weights_only_reason(err: BaseException) -> str | None:
     """The reason inside torch's multi-paragraph "Weights only load failed" message, in one line; else None."""
     text = str(err)
     if "Weights only load failed" not in text:
         return None
-    after = text.partition("WeightsUnpickler error:")[2]
-    reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    if "WeightsUnpickler error:" in text:  # the reason follows this marker (same line or the next non-empty one)
+        lines = text.partition("WeightsUnpickler error:")[2].splitlines()
+    else:  # e.g. a legacy (non-zip) torch file: "Trying to load unsupported GLOBAL posix.system ..."
+        lines = [line for line in text.splitlines() if not line.strip().startswith(_TORCH_ADVICE)]
+    reason = next((line.strip() for line in lines if line.strip()), "")
     reason = reason.split(". Please use")[0].rstrip(".")  # drop torch's advice to allowlist the global
     return reason or "not a checkpoint of tensors and plain values"
 
@@ -66,17 +76,38 @@ def _first_sentence(err: BaseException) -> str:
 
 
 def checkpoint_load_error(path: _PATH, err: BaseException) -> CheckpointLoadError | None:
-    """The one-line error for a file ``torch.load(weights_only=True)`` cannot or must not read; None for others."""
+    """The one-line error for a file ``torch.load(weights_only=True)`` cannot or must not read; None for others.
+
+    A whole file that the weights-only unpickler refuses (pickled functions or classes, a plain pickle, opcodes it
+    does not run) is named for what it is, not as corrupt: it holds objects other than tensors and plain values.
+    """
     if not isinstance(err, _UNREADABLE) or isinstance(err, _NOT_ABOUT_CONTENT):
         return None
     unsafe = _weights_only_reason(err)
-    if unsafe is not None and "Unsupported global" in unsafe:
+    if unsafe is not None and (not unsafe.startswith("Unsupported operand") or _whole_pickle(path)):
         return CheckpointLoadError(
-            f"refusing to load checkpoint {str(path)!r}: it holds objects that could run code ({unsafe}); "
-            "only tensors and plain values are loaded (weights_only=True)"
+            f"refusing to load checkpoint {str(path)!r}: it holds objects other than tensors and plain values "
+            f"({unsafe}); checkpoints are loaded with weights_only=True on purpose, so nothing in it was run"
         )
-    reason = unsafe or _first_sentence(err)
-    return CheckpointLoadError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({reason})")
+    return CheckpointLoadError(
+        f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({unsafe or _first_sentence(err)})"
+    )
+
+
+def _whole_pickle(path: _PATH) -> bool:
+    """Whether the file (a torch zip's ``data.pkl``, or the file itself) parses as one complete pickle. Parsed with
+    :mod:`pickletools`, which runs nothing: a plain pickle's opcodes that weights_only refuses, not random bytes."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,6 +3,7 @@ corrupt or code-carrying checkpoint is refused with its path, and nothing in it 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -82,17 +83,35 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
-def test_checkpoint_with_code_is_refused_and_never_run(shared_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("writer", "command"),
+    [("torch.save", "fit"), ("pickle.dump", "fit"), ("torch.save legacy", "sample"), ("pickle.dump", "export")],
+)
+def test_checkpoint_with_code_is_refused_and_never_run(writer, command, shared_data, tmp_path, monkeypatch, capsys):
+    """Whatever wrote it (torch's zip, torch's legacy format, a plain pickle), a file whose unpickling would call a
+    function is named for what it holds, never "truncated or corrupt", and nothing in it runs."""
     monkeypatch.chdir(tmp_path)
     pwned = tmp_path / "PWNED"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "global_step": 0, "payload": _CreatesFile(pwned)}, evil)
+    payload = {"state_dict": {}, "global_step": 0, "payload": _CreatesFile(pwned)}
+    with open(evil, "wb") as f:
+        if writer == "pickle.dump":
+            pickle.dump(payload, f)
+        else:
+            torch.save(payload, f, _use_new_zipfile_serialization=writer == "torch.save")
     assert not pwned.exists()
-    fragment = write_fragment(tmp_path / "run.yaml", shared_data)
-    line = _main_exit(["fit", *recipe_args("mnist.yaml", fragment), f"--ckpt_path={evil}"], capsys)
-    assert line.startswith(f"ddpm: error: refusing to load checkpoint '{evil}': it holds objects that could run"), line
-    assert "open" in line  # the global it refused
+    if command == "fit":
+        args = ["fit", *recipe_args("mnist.yaml", write_fragment(tmp_path / "run.yaml", shared_data))]
+    else:
+        args = [command, f"--out_dir={tmp_path / 'out'}"]
+    line = _main_exit([*args, f"--ckpt_path={evil}"], capsys)
+    expected = (
+        f"ddpm: error: refusing to load checkpoint '{evil}': it holds objects other than tensors and plain values"
+    )
+    assert line.startswith(expected) and "weights_only=True on purpose, so nothing in it was run" in line, line
+    assert "open" in line or "Unsupported operand" in line  # the global it refused, or the opcode
     assert not pwned.exists()  # weights_only=True refused the global before calling it
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
