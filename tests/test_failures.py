@@ -135,3 +135,73 @@ def test_metrics_sampling_the_model_cannot_run_stops_before_training(
     line = _main_exit(args, capsys)
     assert line == "ddpm: error: num_steps must be an integer in [1, 19] for spacing 'uniform', got 20", line
     assert steps == []  # not a training step nor a test batch ran
+
+
+# -- ddpm export's out_dir: refused where it would write over something, and never deletes ---------------------------
+@pytest.fixture(scope="module")
+def export_ckpt(tmp_path_factory) -> Path:
+    """A small 8x8 checkpoint as Lightning writes it (as far as loading reads it)."""
+    import lightning as L
+
+    from ddpm_lightning.module import DiffusionModule
+
+    module = DiffusionModule(
+        in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4,
+        num_timesteps=50,
+    )  # fmt: skip
+    ckpt = tmp_path_factory.mktemp("run") / "last.ckpt"
+    payload = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3}
+    torch.save({**payload, "pytorch-lightning_version": L.__version__, "epoch": 0}, ckpt)
+    return ckpt
+
+
+def _export(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["export", f"--ckpt_path={ckpt}", f"--out_dir={out}", *extra]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_to_an_existing_file_is_one_line_and_leaves_it(export_ckpt, tmp_path, capsys):
+    target = tmp_path / "some_file.txt"
+    target.write_text("keep me")
+    line = _main_exit(_export(export_ckpt, target), capsys)
+    assert line == f"ddpm: error: out_dir '{target}': '{target}' is an existing file, not a folder", line
+    line = _main_exit(_export(export_ckpt, target / "sub", "--overwrite=true"), capsys)  # nor a folder under it
+    assert line.endswith(f"'{target}' is an existing file, not a folder"), line
+    assert target.read_text() == "keep me"
+
+
+def test_export_into_a_non_empty_folder_needs_overwrite_and_touches_nothing_else(export_ckpt, tmp_path, capsys):
+    from ddpm_lightning.hub import EXPORT_FILES
+
+    out = tmp_path / "mine"
+    (out / "unet").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "unet" / "old.bin").write_bytes(b"\x00" * 16)
+    before = _snapshot(out)
+    line = _main_exit(_export(export_ckpt, out), capsys)
+    assert line.startswith(f"ddpm: error: out_dir '{out}' is not empty (2 entries, e.g. 'notes.txt')"), line
+    assert "not an earlier export" in line and "--overwrite true" in line
+    assert _snapshot(out) == before  # nothing written
+
+    main(_export(export_ckpt, out, "--overwrite=true"))
+    after = _snapshot(out)
+    assert {k: after[k] for k in before} == before  # what the export did not write is untouched, nothing deleted
+    assert set(after) == set(before) | set(EXPORT_FILES)
+
+
+def test_export_over_an_earlier_export_needs_overwrite(export_ckpt, tmp_path, capsys):
+    out = tmp_path / "export"
+    main(_export(export_ckpt, out))  # a new folder: no flag needed
+    (out / "mine.txt").write_text("added by hand")
+    readme = out / "README.md"
+    readme.write_text("edited card")
+    line = _main_exit(_export(export_ckpt, out), capsys)
+    assert line.startswith(f"ddpm: error: out_dir '{out}' holds an earlier export; pass --overwrite true"), line
+    assert readme.read_text() == "edited card"  # refused: nothing replaced
+
+    main(_export(export_ckpt, out, "--overwrite=true"))
+    assert readme.read_text() != "edited card"  # the card written anew
+    assert (out / "mine.txt").read_text() == "added by hand"
