@@ -205,3 +205,12 @@ def test_export_over_an_earlier_export_needs_overwrite(export_ckpt, tmp_path, ca
     main(_export(export_ckpt, out, "--overwrite=true"))
     assert readme.read_text() != "edited card"  # the card written anew
     assert (out / "mine.txt").read_text() == "added by hand"
+
+
+@pytest.mark.parametrize("max_time", ["soon", "{weeks: 1, fortnights: 2}"])
+def test_max_time_that_is_not_a_duration_is_one_line(max_time, shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fragment = write_fragment(tmp_path / "run.yaml", shared_data)
+    line = _main_exit(["fit", *recipe_args("mnist.yaml", fragment), f"--trainer.max_time={max_time}"], capsys)
+    assert line.startswith("ddpm: error: --trainer.max_time ") and "is not a duration: give DD:HH:MM:SS" in line, line
+    assert not (tmp_path / "lightning_logs").exists()  # refused before the trainer (and its logger) existed
