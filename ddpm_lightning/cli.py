@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -112,17 +112,22 @@ class DDPMCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # a trainer setting Lightning refuses: the user's input, one line
             raise ValueError(" ".join(str(err).split())) from None
-        # every run resumes exactly, checkpoints its last step at any stop and says its batch size
-        for always in (ExactResume, FinalCheckpoint, EffectiveBatchSize):
-            if not any(isinstance(cb, always) for cb in trainer.callbacks):
-                trainer.callbacks.append(always())
+        # every run resumes exactly, checkpoints its last step at any stop (when it checkpoints at all: FinalCheckpoint
+        # writes ModelCheckpoint's last.ckpt) and says its batch size
+        always = [ExactResume, EffectiveBatchSize]
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            always.insert(1, FinalCheckpoint)
+        for kind in always:
+            if not any(isinstance(cb, kind) for cb in trainer.callbacks):
+                trainer.callbacks.append(kind())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no plugin in the YAML
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill never leaves a torn last.ckpt
         return trainer
 
     def _check_max_time(self) -> None:
         """``--trainer.max_time`` parsed as Lightning's Timer will (which raises a traceback): else one line."""
-        max_time = self.config[self.subcommand]["trainer"].get("max_time")
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        max_time = config["trainer"].get("max_time")
         if max_time is None:
             return
         try:
