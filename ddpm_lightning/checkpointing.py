@@ -221,6 +221,19 @@ class ExactResume(Callback):
         self._to_restore = None
 
 
+def _quiet_sigterm_notifier(trainer: L.Trainer) -> Callable[[int, Any], None]:
+    """Lightning's ``_SignalConnector._sigterm_notifier_fn`` without its collective broadcast."""
+    connector = trainer._signal_connector
+
+    def notify(signum: int, frame: Any) -> None:
+        rank_zero_info("Received SIGTERM: finishing this step, then writing last.ckpt")
+        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # the processes this one launched get it too
+        connector.received_sigterm = True
+
+    return notify
+
+
 class FinalCheckpoint(Checkpoint):
     """``last.ckpt`` at the last completed step, however training stops; the CLI adds it to every run.
 
@@ -248,11 +261,17 @@ class FinalCheckpoint(Checkpoint):
         self._sigint_handler: Any = None
         self._written: tuple[str, int] | None = None  # (path, global step) of last.ckpt, once known
 
-    # -- Ctrl-C: finish the step, then stop --------------------------------------------------------------------------
+    # -- Ctrl-C: finish the step, then stop; SIGTERM: noted --------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._interrupted, self._written = False, None
         if threading.current_thread() is threading.main_thread():
             self._sigint_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        # Lightning registers its SIGTERM handler right after on_fit_start. Under DDP its handler broadcasts from
+        # inside the signal handler, wherever each rank happens to be (in a gradient all-reduce, say): a collective
+        # mismatch that kills the run before anything is saved (measured: gloo, 2 CPU processes). This one only
+        # notes the signal (and forwards it to the launcher's children, as Lightning's does); the ranks agree on the
+        # stop at the end of the step (:meth:`_signals`), write last.ckpt together and exit.
+        trainer._signal_connector._sigterm_notifier_fn = _quiet_sigterm_notifier(trainer)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._interrupted:
@@ -269,25 +288,38 @@ class FinalCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        signalled = trainer.received_sigterm or self._interrupted
-        if trainer.world_size > 1:  # a signal may reach one rank only; every rank must join the save
-            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        sigterm, interrupted = self._signals(trainer)
         limit = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
         stopping = trainer.should_stop and trainer.fit_loop._can_stop_early  # the max_time Timer, a callback
-        if not (signalled or limit or stopping):
-            return
-        self._save(trainer)
-        if trainer.received_sigterm:
-            raise SIGTERMException(128 + signal.SIGTERM)  # Lightning's own would exit 0, as if the run had finished
-        if self._interrupted:
-            raise KeyboardInterrupt
+        if sigterm or interrupted or limit or stopping:
+            self._save(trainer)
+        self._stop_if_signalled(sigterm, interrupted)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the last epoch, or early stopping (decided in validation or by an earlier on_train_epoch_end); here, not in
-        # on_train_end, where the EMA callback has already replaced the raw weights by the average
+        # the last epoch, early stopping (decided in validation or by an earlier on_train_epoch_end), a signal that
+        # came during validation or the sample grids; here, not in on_train_end, where the EMA callback has already
+        # replaced the raw weights by the average
+        sigterm, interrupted = self._signals(trainer)
         last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
-        if last_epoch or (trainer.should_stop and trainer.fit_loop._can_stop_early):
+        if last_epoch or sigterm or interrupted or (trainer.should_stop and trainer.fit_loop._can_stop_early):
             self._save(trainer)
+        self._stop_if_signalled(sigterm, interrupted)
+
+    def _signals(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """(SIGTERM, Ctrl-C) seen by any rank: a signal may reach one rank only, and every rank must join the save."""
+        flags = (trainer.received_sigterm, self._interrupted)
+        if trainer.world_size > 1:
+            local = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
+            seen = trainer.strategy.reduce(local, reduce_op="sum")
+            flags = tuple(bool(x) for x in seen.tolist())
+        return flags[0], flags[1]
+
+    @staticmethod
+    def _stop_if_signalled(sigterm: bool, interrupted: bool) -> None:
+        if sigterm:
+            raise SIGTERMException(128 + signal.SIGTERM)  # Lightning's own would exit 0, as if the run had finished
+        if interrupted:
+            raise KeyboardInterrupt
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._announce(trainer, "training ended")

@@ -83,14 +83,16 @@ class KillAt(Callback):
 
 class SignalAt(Callback):
     """Send this process ``signals`` (names: ``SIGTERM``, ``SIGINT``, ``SIGUSR1``) right before optimizer step
-    ``step``, through the real handlers: what ``scancel``, a Ctrl-C or SLURM's pre-timeout signal deliver."""
+    ``step`` (on rank ``rank`` only, if given), through the real handlers: what ``scancel``, a Ctrl-C or SLURM's
+    pre-timeout signal deliver."""
 
-    def __init__(self, step: int, signals: list[str]) -> None:
+    def __init__(self, step: int, signals: list[str], rank: int | None = None) -> None:
         self.step = step
         self.signals = [signal.Signals[name] for name in signals]
+        self.rank = rank  # only this rank's process (None: every rank's)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             for signum in self.signals:
                 os.kill(os.getpid(), signum)
 

@@ -151,3 +151,16 @@ def test_slurm_requeue_signal_then_sigterm_writes_hpc_and_last(reference, tmp_pa
     _stopped_at(run_dir, 8)
     _closing_line(proc, run_dir, 8)
     _resume_matches(run_dir, reference)  # `last` is the newest of last.ckpt and hpc_ckpt_1.ckpt: last.ckpt
+
+
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_step(tmp_path):
+    """Two CPU processes (Lightning's DDP launcher); SIGTERM reaches rank 0 before step 4, which forwards it to rank
+    1 at whatever point rank 1 is. Both ranks agree to stop after step 4, write last.ckpt together and exit 143.
+    (No handler runs a collective: Lightning's own broadcasts from inside the handler, which can pair with a gradient
+    all-reduce and crash the run, depending on where each rank is when the signal lands.)"""
+    probe = callback("scaleout.SignalAt", step=3, signals=["SIGTERM"], rank=0)
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    proc = _run_cli(tmp_path, [*_args(tmp_path, probe), *ddp])
+    assert proc.returncode == 128 + signal.SIGTERM, tail(proc)
+    assert _stopped_at(tmp_path, 4)["epoch"] == 0
+    _closing_line(proc, tmp_path, 4)
