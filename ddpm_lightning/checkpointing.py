@@ -250,7 +250,11 @@ class FinalCheckpoint(Checkpoint):
       Lightning write ``hpc_ckpt_N.ckpt`` and requeue; the SIGTERM that follows writes ``last.ckpt`` as well;
     * Ctrl-C (SIGINT): the running step ends, the checkpoint is written, then KeyboardInterrupt (a second Ctrl-C
       interrupts at once, writing nothing more);
-    * early stopping and ``max_epochs``: at the end of the last epoch, if ``last.ckpt`` is not already at that step.
+    * early stopping and ``max_epochs``: at the end of the last epoch, if ``last.ckpt`` is not already at that step;
+      a signal that arrives during validation or the epoch's sample grids: at that epoch's end.
+
+    Under DDP the ranks agree on a signal at each step's end (one all-reduce of two flags), so all of them write
+    and stop at the same step.
 
     The closing log line names the file. A :class:`Checkpoint` for Lightning, so that its epoch-end hook runs with
     the monitoring callbacks, after :class:`EarlyStopping` has decided.
@@ -280,6 +284,9 @@ class FinalCheckpoint(Checkpoint):
         rank_zero_info("Ctrl-C: stopping after this step and writing last.ckpt (Ctrl-C again to stop at once)")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
         if self._sigint_handler is not None:
             signal.signal(signal.SIGINT, self._sigint_handler)
             self._sigint_handler = None
@@ -329,6 +336,7 @@ class FinalCheckpoint(Checkpoint):
             # raised by Lightning at a safe point (between steps, in validation); not so any other error: the state
             # may be half-way through a step, or diverged, and last.ckpt keeps the previous good one
             self._save(trainer)
+        self._restore_sigint()  # Lightning does not call teardown after an exception
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             self._announce(trainer, "stopped by SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C")
 
