@@ -12,13 +12,21 @@
 * :func:`rng_states` / :func:`set_rng_states` capture and restore the global torch generators, so the ``t`` and
   noise draws after a resume are the ones the uninterrupted run would have made; :class:`ExactResume` is the
   callback that does it at the right moments.
+* :class:`FinalCheckpoint` writes ``last.ckpt`` at the last completed step whenever training stops: ``max_steps``
+  or ``max_time`` mid-epoch, early stopping, SIGTERM (with or without SLURM's requeue), Ctrl-C; and names it in
+  the closing log line.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import signal
+import struct
+import threading
 import uuid
+import zipfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -28,12 +36,14 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 #: errors torch.load raises for a file that is not a whole checkpoint (truncated zip, empty file, random bytes)
-_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError)
+_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError, struct.error)
 #: ... except these, which are about the path, not the bytes, and keep their own message
 _NOT_ABOUT_CONTENT = (FileNotFoundError, IsADirectoryError, PermissionError)
 
@@ -42,13 +52,20 @@ class CheckpointLoadError(ValueError):
     """A checkpoint file is truncated, corrupt, or holds objects that ``weights_only=True`` refuses to unpickle."""
 
 
+#: the paragraphs of torch's "Weights only load failed" message that are advice, not the reason
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
+
+
 def _weights_only_reason(err: BaseException) -> str | None:
     """The reason inside torch's multi-paragraph "Weights only load failed" message, in one line; else None."""
     text = str(err)
     if "Weights only load failed" not in text:
         return None
-    after = text.partition("WeightsUnpickler error:")[2]
-    reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    if "WeightsUnpickler error:" in text:  # the reason follows this marker (same line or the next non-empty one)
+        lines = text.partition("WeightsUnpickler error:")[2].splitlines()
+    else:  # e.g. a legacy (non-zip) torch file: "Trying to load unsupported GLOBAL posix.system ..."
+        lines = [line for line in text.splitlines() if not line.strip().startswith(_TORCH_ADVICE)]
+    reason = next((line.strip() for line in lines if line.strip()), "")
     reason = reason.split(". Please use")[0].rstrip(".")  # drop torch's advice to allowlist the global
     return reason or "not a checkpoint of tensors and plain values"
 
@@ -59,17 +76,38 @@ def _first_sentence(err: BaseException) -> str:
 
 
 def checkpoint_load_error(path: _PATH, err: BaseException) -> CheckpointLoadError | None:
-    """The one-line error for a file ``torch.load(weights_only=True)`` cannot or must not read; None for others."""
+    """The one-line error for a file ``torch.load(weights_only=True)`` cannot or must not read; None for others.
+
+    A whole file that the weights-only unpickler refuses (pickled functions or classes, a plain pickle, opcodes it
+    does not run) is named for what it is, not as corrupt: it holds objects other than tensors and plain values.
+    """
     if not isinstance(err, _UNREADABLE) or isinstance(err, _NOT_ABOUT_CONTENT):
         return None
     unsafe = _weights_only_reason(err)
-    if unsafe is not None and "Unsupported global" in unsafe:
+    if unsafe is not None and (not unsafe.startswith("Unsupported operand") or _whole_pickle(path)):
         return CheckpointLoadError(
-            f"refusing to load checkpoint {str(path)!r}: it holds objects that could run code ({unsafe}); "
-            "only tensors and plain values are loaded (weights_only=True)"
+            f"refusing to load checkpoint {str(path)!r}: it holds objects other than tensors and plain values "
+            f"({unsafe}); checkpoints are loaded with weights_only=True on purpose, so nothing in it was run"
         )
-    reason = unsafe or _first_sentence(err)
-    return CheckpointLoadError(f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({reason})")
+    return CheckpointLoadError(
+        f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({unsafe or _first_sentence(err)})"
+    )
+
+
+def _whole_pickle(path: _PATH) -> bool:
+    """Whether the file (a torch zip's ``data.pkl``, or the file itself) parses as one complete pickle. Parsed with
+    :mod:`pickletools`, which runs nothing: a plain pickle's opcodes that weights_only refuses, not random bytes."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = Path(path).read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -181,3 +219,159 @@ class ExactResume(Callback):
         if self._to_restore is not None and trainer.ckpt_path:
             set_rng_states(self._to_restore, pl_module.device)
         self._to_restore = None
+
+
+def _quiet_sigterm_notifier(trainer: L.Trainer) -> Callable[[int, Any], None]:
+    """Lightning's ``_SignalConnector._sigterm_notifier_fn`` without its collective broadcast."""
+    connector = trainer._signal_connector
+
+    def notify(signum: int, frame: Any) -> None:
+        rank_zero_info("Received SIGTERM: finishing this step, then writing last.ckpt")
+        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # the processes this one launched get it too
+        connector.received_sigterm = True
+
+    return notify
+
+
+class FinalCheckpoint(Checkpoint):
+    """``last.ckpt`` at the last completed step, however training stops; the CLI adds it to every run.
+
+    Lightning's :class:`ModelCheckpoint` writes ``last.ckpt`` only beside a top-k save (or at the end of a run that
+    saved nothing), so a run stopped by ``max_steps``/``max_time`` mid-epoch, by SIGTERM or by Ctrl-C loses every step
+    since the last epoch end. Here, at the end of the step after which the run stops, ``last.ckpt`` of the first
+    :class:`ModelCheckpoint` is written (atomically, through the strategy's checkpoint IO) unless it already holds
+    that step; the state is the one of a mid-epoch ``every_n_train_steps`` save, so ``--ckpt_path last`` resumes
+    exactly. The stops:
+
+    * ``max_steps`` reached, or ``trainer.should_stop`` set by the ``max_time`` Timer: at that step's end;
+    * SIGTERM (``scancel``, an eviction; Lightning sets ``trainer.received_sigterm``): the running step ends, the
+      checkpoint is written and the process exits with 143 (128 + SIGTERM). Under SLURM's requeue, SIGUSR1 makes
+      Lightning write ``hpc_ckpt_N.ckpt`` and requeue; the SIGTERM that follows writes ``last.ckpt`` as well;
+    * Ctrl-C (SIGINT): the running step ends, the checkpoint is written, then KeyboardInterrupt (a second Ctrl-C
+      interrupts at once, writing nothing more);
+    * early stopping and ``max_epochs``: at the end of the last epoch, if ``last.ckpt`` is not already at that step;
+      a signal that arrives during validation or the epoch's sample grids: at that epoch's end.
+
+    Under DDP the ranks agree on a signal at each step's end (one all-reduce of two flags), so all of them write
+    and stop at the same step.
+
+    The closing log line names the file. A :class:`Checkpoint` for Lightning, so that its epoch-end hook runs with
+    the monitoring callbacks, after :class:`EarlyStopping` has decided.
+    """
+
+    def __init__(self) -> None:
+        self._interrupted = False
+        self._sigint_handler: Any = None
+        self._written: tuple[str, int] | None = None  # (path, global step) of last.ckpt, once known
+
+    # -- Ctrl-C: finish the step, then stop; SIGTERM: noted --------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._interrupted, self._written = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._sigint_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        # Lightning registers its SIGTERM handler right after on_fit_start. Under DDP its handler broadcasts from
+        # inside the signal handler, wherever each rank happens to be (in a gradient all-reduce, say): a collective
+        # mismatch that kills the run before anything is saved (measured: gloo, 2 CPU processes). This one only
+        # notes the signal (and forwards it to the launcher's children, as Lightning's does); the ranks agree on the
+        # stop at the end of the step (:meth:`_signals`), write last.ckpt together and exit.
+        trainer._signal_connector._sigterm_notifier_fn = _quiet_sigterm_notifier(trainer)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+        rank_zero_info("Ctrl-C: stopping after this step and writing last.ckpt (Ctrl-C again to stop at once)")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
+
+    # -- the stops -----------------------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        sigterm, interrupted = self._signals(trainer)
+        limit = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+        stopping = trainer.should_stop and trainer.fit_loop._can_stop_early  # the max_time Timer, a callback
+        if sigterm or interrupted or limit or stopping:
+            self._save(trainer)
+        self._stop_if_signalled(sigterm, interrupted)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the last epoch, early stopping (decided in validation or by an earlier on_train_epoch_end), a signal that
+        # came during validation or the sample grids; here, not in on_train_end, where the EMA callback has already
+        # replaced the raw weights by the average
+        sigterm, interrupted = self._signals(trainer)
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        if last_epoch or sigterm or interrupted or (trainer.should_stop and trainer.fit_loop._can_stop_early):
+            self._save(trainer)
+        self._stop_if_signalled(sigterm, interrupted)
+
+    def _signals(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """(SIGTERM, Ctrl-C) seen by any rank: a signal may reach one rank only, and every rank must join the save."""
+        flags = (trainer.received_sigterm, self._interrupted)
+        if trainer.world_size > 1:
+            local = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
+            seen = trainer.strategy.reduce(local, reduce_op="sum")
+            flags = tuple(bool(x) for x in seen.tolist())
+        return flags[0], flags[1]
+
+    @staticmethod
+    def _stop_if_signalled(sigterm: bool, interrupted: bool) -> None:
+        if sigterm:
+            raise SIGTERMException(128 + signal.SIGTERM)  # Lightning's own would exit 0, as if the run had finished
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._announce(trainer, "training ended")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
+            # raised by Lightning at a safe point (between steps, in validation); not so any other error: the state
+            # may be half-way through a step, or diverged, and last.ckpt keeps the previous good one
+            self._save(trainer)
+        self._restore_sigint()  # Lightning does not call teardown after an exception
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            self._announce(trainer, "stopped by SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C")
+
+    # -- writing -------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _target(trainer: L.Trainer) -> ModelCheckpoint | None:
+        cb = trainer.checkpoint_callback
+        return cb if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None else None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        cb = self._target(trainer)
+        if cb is None or trainer.global_step == 0 or trainer.fast_dev_run:
+            return
+        step = trainer.global_step
+        if self._written == (cb.last_model_path, step):
+            return
+        if (
+            cb.last_model_path
+            and cb._last_checkpoint_saved == cb.last_model_path
+            and cb._last_global_step_saved == step
+        ):
+            self._written = (cb.last_model_path, step)  # ModelCheckpoint wrote last.ckpt at this step itself
+            return
+        path = cb.format_checkpoint_name(cb._monitor_candidates(trainer), cb.CHECKPOINT_NAME_LAST)
+        cb.last_model_path = path  # part of the checkpoint's own state
+        trainer.save_checkpoint(path, cb.save_weights_only)
+        self._written = (path, step)
+        # ModelCheckpoint writes nothing more at this step: its on_train_end (and an epoch end after a mid-epoch
+        # stop) would replace this file by the state after the epoch, which resumes into the next epoch
+        cb._last_checkpoint_saved, cb._last_global_step_saved = path, step
+
+    def _announce(self, trainer: L.Trainer, why: str) -> None:
+        """The closing log line: where the final checkpoint is, and its step when known."""
+        cb = self._target(trainer)
+        if cb is None or not cb.last_model_path or not Path(cb.last_model_path).is_file():
+            return
+        at = f" (step {self._written[1]})" if self._written and self._written[0] == cb.last_model_path else ""
+        rank_zero_info(f"{why}: final checkpoint{at}: {Path(cb.last_model_path).resolve()}")

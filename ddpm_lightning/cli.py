@@ -24,9 +24,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ddpm_lightning.callbacks.batch_size import EffectiveBatchSize
 from ddpm_lightning.callbacks.metrics import SampleMetrics
@@ -34,6 +37,7 @@ from ddpm_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointLoadError,
     ExactResume,
+    FinalCheckpoint,
     checkpoint_load_error,
     find_last_checkpoint,
 )
@@ -103,13 +107,36 @@ class DDPMCLI(LightningCLI):
             raise clear from None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        for always in (ExactResume, EffectiveBatchSize):  # every run resumes exactly and says its batch size
-            if not any(isinstance(cb, always) for cb in trainer.callbacks):
-                trainer.callbacks.append(always())
+        self._check_max_time()
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # a trainer setting Lightning refuses: the user's input, one line
+            raise ValueError(" ".join(str(err).split())) from None
+        # every run resumes exactly, checkpoints its last step at any stop (when it checkpoints at all: FinalCheckpoint
+        # writes ModelCheckpoint's last.ckpt) and says its batch size
+        always = [ExactResume, EffectiveBatchSize]
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            always.insert(1, FinalCheckpoint)
+        for kind in always:
+            if not any(isinstance(cb, kind) for cb in trainer.callbacks):
+                trainer.callbacks.append(kind())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no plugin in the YAML
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill never leaves a torn last.ckpt
         return trainer
+
+    def _check_max_time(self) -> None:
+        """``--trainer.max_time`` parsed as Lightning's Timer will (which raises a traceback): else one line."""
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        max_time = config["trainer"].get("max_time")
+        if max_time is None:
+            return
+        try:
+            Timer(duration=max_time.as_dict() if isinstance(max_time, Namespace) else max_time)
+        except (MisconfigurationException, TypeError, ValueError, AttributeError):
+            raise ValueError(
+                f"--trainer.max_time {max_time!r} is not a duration: give DD:HH:MM:SS (days:hours:minutes:seconds, "
+                "e.g. 00:12:00:00 for 12 hours) or a mapping such as {hours: 12}"
+            ) from None
 
     def fit(self, model: L.LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``trainer.fit``; ``--ckpt_path last`` is the newest last/hpc checkpoint of any earlier run of this logger."""

@@ -9,7 +9,8 @@ The same settings and seed give the same images (the noise comes from a seeded `
 
 Safe defaults: the server listens on 127.0.0.1 only (``--host 0.0.0.0`` serves other machines too), makes no share
 link and sends no telemetry; the checkpoint is loaded with ``weights_only=True`` (tensors and plain values, never
-code). Requests outside the limits (batch above ``--max_batch``, steps outside [1, T], guidance outside
+code). Requests outside the limits (batch above ``--max_batch``, steps outside the sampler's own range: [1, T], or
+[1, T - 1] for a multistep solver on "uniform" spacing, which the steps slider follows; guidance outside
 :data:`GUIDANCE_RANGE`, a negative seed) are refused with a message; one generation runs at a time and at most
 :data:`QUEUE_SIZE` wait behind it, so a burst of clicks cannot pile up work on the server.
 """
@@ -76,13 +77,29 @@ def check_request(
         raise DemoError(str(choice_error("sampler", sampler, list(SAMPLERS))))
     if not _is_int(batch_size) or not 1 <= batch_size <= max_batch:
         raise DemoError(f"batch size must be an integer in [1, {max_batch}], got {batch_size!r}")
-    if not _is_int(num_steps) or not 1 <= num_steps <= num_timesteps:
-        raise DemoError(f"steps must be an integer in [1, {num_timesteps}] (T of this model), got {num_steps!r}")
+    high = steps_limit(model, sampler)
+    if not _is_int(num_steps) or not 1 <= num_steps <= high:
+        raise DemoError(
+            f"steps must be an integer in [1, {high}] for {sampler} on this model (T = {num_timesteps}), "
+            f"got {num_steps!r}"
+        )
     low, high = GUIDANCE_RANGE
     if not isinstance(guidance_scale, (int, float)) or not low <= guidance_scale <= high:
         raise DemoError(f"guidance scale must be in [{low:g}, {high:g}], got {guidance_scale!r}")
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise DemoError(f"seed must be an integer in [0, 2^63 - 1], got {seed!r}")
+
+
+def sampling_for(model: DiffusionModule, sampler: str, **changes: Any) -> SamplingConfig:
+    """The model's own sampling settings with ``sampler`` (and ``changes``); a spacing is kept only for a sampler
+    that uses one (the solvers), so that picking DDIM on a model whose recipe sets a spacing still works."""
+    spacing = model.sampling.spacing if SAMPLERS[sampler].uses_spacing else None
+    return model.sampling.replace(sampler=sampler, spacing=spacing, **changes)
+
+
+def steps_limit(model: DiffusionModule, sampler: str) -> int:
+    """The most steps ``sampler`` takes on this model: T, but T - 1 for a multistep solver on "uniform" spacing."""
+    return sampling_for(model, sampler).max_steps(model.diffusion.num_timesteps)
 
 
 def _is_int(value: Any) -> bool:
@@ -108,7 +125,7 @@ def generate(
     None when the batch's trajectory would exceed :data:`MAX_TRAJECTORY_BYTES`. Deterministic given ``seed``."""
     hp = model.hparams
     labels = batch_labels(model, label, int(batch_size))
-    config = model.sampling.replace(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
+    config = sampling_for(model, sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
     steps = config.steps(model.diffusion.num_timesteps)  # DDPM runs all T steps
     want_trajectory = (steps + 1) * batch_size * hp.in_channels * hp.image_size**2 * 4 <= MAX_TRAJECTORY_BYTES
     gen = torch.Generator(device=model.device).manual_seed(int(seed))
@@ -180,13 +197,16 @@ def build_app(model: DiffusionModule, out_dir: Path, max_batch: int = DEFAULT_MA
             return grid, strip, zip_path
 
         button.click(on_generate, inputs, outputs, api_name="generate")
+        sampler, steps = inputs[1], inputs[2]
+        for event in (sampler.change, app.load):  # the steps slider spans the chosen sampler's own range
+            event(lambda name, value: steps_slider_update(gr, model, name, value), [sampler, steps], steps)
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app
 
 
 def _settings(gr: Any, model: DiffusionModule, max_batch: int) -> list:
     """The input components, in the order of the ``generate`` endpoint's arguments."""
-    num_timesteps, num_classes = model.diffusion.num_timesteps, model.hparams.num_classes
+    num_classes = model.hparams.num_classes
     default = model.sampling  # the recipe's model.sampling: the page opens on the setting the recipe chose
     choices = [("all classes in turn", ALL_CLASSES)] + [(str(k), str(k)) for k in range(num_classes)]
     return [
@@ -194,11 +214,11 @@ def _settings(gr: Any, model: DiffusionModule, max_batch: int) -> list:
         gr.Radio(list(SAMPLERS), value=default.sampler, label="sampler", elem_id="sampler"),
         gr.Slider(
             1,
-            num_timesteps,
-            value=min(default.num_steps, num_timesteps),
+            max(steps_limit(model, name) for name in SAMPLERS),  # the page narrows it to the chosen sampler's
+            value=min(default.num_steps, steps_limit(model, default.sampler)),
             step=1,
             label="steps",
-            info=f"sampling steps; DDPM always runs all T = {num_timesteps}",
+            info=_steps_info(model, default.sampler),
             elem_id="steps",
         ),
         gr.Slider(
@@ -213,6 +233,21 @@ def _settings(gr: Any, model: DiffusionModule, max_batch: int) -> list:
         gr.Number(0, precision=0, minimum=0, label="seed", elem_id="seed"),
         gr.Slider(1, max_batch, value=min(16, max_batch), step=1, label="batch size", elem_id="batch"),
     ]
+
+
+def _steps_info(model: DiffusionModule, sampler: str) -> str:
+    T = model.diffusion.num_timesteps
+    if not SAMPLERS[sampler].uses_steps:
+        return f"DDPM always runs all T = {T} steps"
+    return f"sampling steps: 1 to {steps_limit(model, sampler)} for {sampler} (T = {T})"
+
+
+def steps_slider_update(gr: Any, model: DiffusionModule, sampler: str, value: float) -> Any:
+    """The steps slider for ``sampler``: its maximum the sampler's own limit, the value clipped to it."""
+    if sampler not in SAMPLERS:
+        return gr.Slider()  # unchanged; the request is refused with its own message
+    high = steps_limit(model, sampler)
+    return gr.Slider(maximum=high, value=min(max(int(value), 1), high), info=_steps_info(model, sampler))
 
 
 def _respond(

@@ -101,6 +101,46 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+#: the files an export writes, relative to its folder: nothing else is ever written there, and nothing deleted
+EXPORT_FILES = (
+    f"unet/{WEIGHTS_NAME}",
+    "unet/config.json",
+    "scheduler/scheduler_config.json",
+    "model_index.json",
+    "README.md",
+)
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a DDPMPipeline export (its ``model_index.json`` says so)."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == "DDPMPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``out_dir`` as a Path if an export may write there: a new or empty folder, or with ``overwrite`` any folder
+    (only :data:`EXPORT_FILES` are replaced, nothing else is touched). Else a one-line ValueError saying why."""
+    out = Path(out_dir)
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"out_dir {str(out)!r}: {str(path)!r} is an existing file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        if _is_export(out):
+            raise ValueError(
+                f"out_dir {str(out)!r} holds an earlier export; pass --overwrite true (overwrite=True) to replace "
+                "its files, or name a new folder"
+            )
+        raise ValueError(
+            f"out_dir {str(out)!r} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and is not an earlier "
+            "export; name a new or empty folder, or pass --overwrite true (overwrite=True) to write the export's "
+            "files into it (nothing else there is touched)"
+        )
+    return out
+
+
 def export_diffusers(
     module: DiffusionModule,
     out_dir: str | Path,
@@ -108,25 +148,32 @@ def export_diffusers(
     name: str | None = None,
     training: dict[str, Any] | None = None,
     metrics: Sequence[str | Path] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write ``module`` (its current weights: load a checkpoint for the EMA ones) as a diffusers DDPMPipeline folder.
 
     Args:
         module: the model; its U-Net options must be expressible in UNet2DModel (else a ValueError naming one).
-        out_dir: the folder, created if missing; files already there are overwritten.
+        out_dir: the folder, created if missing; it must be new or empty unless ``overwrite``
+            (:func:`check_export_dir`).
         name: the model card's title (default: the folder name).
         training: what the card reports on training, any of ``global_step``, ``epoch``, ``checkpoint``, ``config``
             (the run's LightningCLI config as a dict: data, optimizer, trainer).
         metrics: ``*.metrics.*.json`` files written by ``ddpm test``, summarised in the card.
+        overwrite: write into a non-empty folder (an earlier export, say), replacing only :data:`EXPORT_FILES`.
 
     Returns:
         ``out_dir`` as a Path.
     """
-    out = Path(out_dir)
+    out = check_export_dir(out_dir, overwrite)
     unet_cfg = unet2d_config(module.net)  # raises before anything is written
     sched_cfg = scheduler_config(module)
     weights = to_diffusers(module.net.state_dict(), weight_table(module.net))
-    (out / "unet").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "unet").mkdir(parents=True, exist_ok=True)
+        (out / "scheduler").mkdir(exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write out_dir {str(out)!r}: {err.strerror or err}") from None
     save_file(weights, str(out / "unet" / WEIGHTS_NAME), metadata={"format": "pt"})
     _write_json(out / "unet" / "config.json", unet_cfg)
     _write_json(out / "scheduler" / "scheduler_config.json", sched_cfg)
@@ -153,17 +200,18 @@ def _run_config(ckpt: Path) -> dict[str, Any] | None:
     return None
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Export a training checkpoint (its ``state_dict``: the EMA weights when the EMA callback ran) to ``out_dir``.
 
     The card reports the checkpoint's step and epoch, the run's ``config.yaml`` when it lies beside the checkpoint
     or one folder up, and the ``<checkpoint stem>.metrics.*.json`` files beside it. A missing, truncated or unsafe
-    file gives a one-line error.
+    file, or an ``out_dir`` it may not write (:func:`check_export_dir`), gives a one-line error.
     """
+    check_export_dir(out_dir, overwrite)  # before the checkpoint is read
     ckpt = Path(ckpt_path)
     module = DiffusionModule.from_checkpoint(ckpt, "cpu")  # one-line errors for a missing, corrupt or unsafe file
     raw = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # the step counters; no copy
     training = {"global_step": raw.get("global_step"), "epoch": raw.get("epoch"), "checkpoint": ckpt.name}
     training["config"] = _run_config(ckpt)
     metrics = sorted(ckpt.parent.glob(f"{ckpt.stem}.metrics.*.json"))
-    return export_diffusers(module, out_dir, training=training, metrics=metrics)
+    return export_diffusers(module, out_dir, training=training, metrics=metrics, overwrite=overwrite)

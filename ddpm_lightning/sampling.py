@@ -22,7 +22,7 @@ from torch import Tensor
 from ddpm_lightning.diffusion import GaussianDiffusion, VarianceType
 from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, ddim_sample, ddpm_sample
 from ddpm_lightning.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, euler_sample, heun_sample, unipc_sample
-from ddpm_lightning.spacings import SPACINGS, Spacing, choice_error
+from ddpm_lightning.spacings import SPACINGS, Convention, Spacing, choice_error, max_num_steps
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Sampler:
         uses_steps: whether ``num_steps`` applies (DDPM always runs all T steps).
         uses_spacing: whether ``spacing`` applies (the solvers; DDIM has its own evenly spaced sub-sequence).
         at_steps: ``(config, k, num_timesteps) -> config`` that takes k steps with this sampler (for sweeps).
+        max_steps: ``(config, num_timesteps) -> the largest num_steps it runs`` (T; T - 1 for a multistep solver
+            on "uniform" spacing, whose grid has T + 1 points).
     """
 
     run: Callable[..., SampleOutput]
@@ -46,6 +48,12 @@ class Sampler:
     uses_steps: bool = True
     uses_spacing: bool = True
     at_steps: Callable[[SamplingConfig, int, int], SamplingConfig] = lambda c, k, T: c.replace(num_steps=k)
+    max_steps: Callable[[SamplingConfig, int], int] = lambda c, T: T
+
+
+def _solver_max_steps(default_spacing: Spacing, convention: Convention) -> Callable[[SamplingConfig, int], int]:
+    """A solver's largest num_steps on T steps (:func:`~ddpm_lightning.spacings.max_num_steps`)."""
+    return lambda c, T: max_num_steps(T, c.spacing or default_spacing, convention)
 
 
 def _solver(fn: Callable[..., SampleOutput]) -> Callable[..., SampleOutput]:
@@ -74,14 +82,18 @@ SAMPLERS: dict[str, Sampler] = {
         lambda f, d, s, c, **kw: ddim_sample(f, d, s, num_steps=c.num_steps, eta=c.eta, clip_x0=c.clip_x0, **kw),
         uses_spacing=False,
     ),
-    "dpmpp_2m": Sampler(_solver(dpmpp_2m_sample)),  # DPM-Solver++(2M), Lu et al. 2022
-    "dpmpp_2m_sde": Sampler(_solver(dpmpp_2m_sde_sample)),  # its SDE variant
-    "unipc": Sampler(_solver(unipc_sample)),  # UniPC-bh2, Zhao et al. 2023
+    # DPM-Solver++(2M), Lu et al. 2022; its SDE variant; UniPC-bh2, Zhao et al. 2023 (multistep, uniform by default)
+    "dpmpp_2m": Sampler(_solver(dpmpp_2m_sample), max_steps=_solver_max_steps("uniform", "multistep")),
+    "dpmpp_2m_sde": Sampler(_solver(dpmpp_2m_sde_sample), max_steps=_solver_max_steps("uniform", "multistep")),
+    "unipc": Sampler(_solver(unipc_sample), max_steps=_solver_max_steps("uniform", "multistep")),
     # Karras et al. 2022, Algorithm 1: two evaluations per step but the last (an Euler step to sigma = 0)
     "heun": Sampler(
-        _solver(heun_sample), nfe=lambda c, T: 2 * c.num_steps - 1, steps_for_nfe=lambda b, T: (b + 1) // 2
+        _solver(heun_sample),
+        nfe=lambda c, T: 2 * c.num_steps - 1,
+        steps_for_nfe=lambda b, T: (b + 1) // 2,
+        max_steps=_solver_max_steps("karras", "karras"),
     ),
-    "euler": Sampler(_solver(euler_sample)),  # Karras et al. 2022's Euler (first order)
+    "euler": Sampler(_solver(euler_sample), max_steps=_solver_max_steps("karras", "karras")),  # Karras' Euler
 }
 DEFAULT_SAMPLER = "ddim"
 
@@ -154,6 +166,10 @@ class SamplingConfig:
     def steps(self, num_timesteps: int) -> int:
         """Steps actually taken on a model with T = ``num_timesteps``."""
         return self.num_steps if self.spec.uses_steps else num_timesteps
+
+    def max_steps(self, num_timesteps: int) -> int:
+        """The largest ``num_steps`` this sampler (with this spacing) runs on a model with T = ``num_timesteps``."""
+        return self.spec.max_steps(self, num_timesteps)
 
     def guided(self, conditional: bool) -> bool:
         """Whether a guided step evaluates the network on [cond; uncond] (w not in {0, 1})."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from conftest import ALL_CONFIGS, CONFIGS, REPO, TINY_MODEL_ARGS
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 
 from ddpm_lightning.callbacks import EMA, SampleGrid
 from ddpm_lightning.data import MNISTDataModule
@@ -79,6 +79,34 @@ class KillAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(Callback):
+    """Send this process ``signals`` (names: ``SIGTERM``, ``SIGINT``, ``SIGUSR1``) right before optimizer step
+    ``step`` (on rank ``rank`` only, if given), through the real handlers: what ``scancel``, a Ctrl-C or SLURM's
+    pre-timeout signal deliver."""
+
+    def __init__(self, step: int, signals: list[str], rank: int | None = None) -> None:
+        self.step = step
+        self.signals = [signal.Signals[name] for name in signals]
+        self.rank = rank  # only this rank's process (None: every rank's)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
+
+
+class ExpireTimerAt(Callback):
+    """Make the ``max_time`` Timer's time run out at optimizer step ``step``: a time limit at a known step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            timer = next(cb for cb in trainer.callbacks if isinstance(cb, Timer))
+            timer._offset = timer._duration  # as if the whole budget had been spent before this step
 
 
 class PauseForRequeue(Callback):
@@ -225,3 +253,21 @@ def only_run_dir(cwd: Path) -> Path:
 
 def load_ckpt(path: Path) -> dict:
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def assert_same_training_state(resumed: dict, reference: dict) -> None:
+    """Two checkpoints hold bitwise the same training: step, weights (raw and EMA), optimizer, schedulers, RNG."""
+    assert (resumed["global_step"], resumed["epoch"]) == (reference["global_step"], reference["epoch"])
+    for key in ("state_dict", "current_model_state", "averaging_state"):  # EMA weights, raw weights, n_averaged
+        assert resumed[key].keys() == reference[key].keys()
+        for name, value in reference[key].items():
+            assert torch.equal(resumed[key][name], value), f"{key}.{name}"
+    assert resumed["lr_schedulers"] == reference["lr_schedulers"]
+    (opt_resumed,), (opt_reference,) = resumed["optimizer_states"], reference["optimizer_states"]
+    assert opt_resumed["param_groups"] == opt_reference["param_groups"]
+    for idx, state in opt_reference["state"].items():
+        for name, value in state.items():
+            assert torch.equal(opt_resumed["state"][idx][name], value), f"optimizer state {idx}.{name}"
+    ema_state = next(v for k, v in reference["callbacks"].items() if k.startswith("EMA"))
+    assert next(v for k, v in resumed["callbacks"].items() if k.startswith("EMA")) == ema_state
+    assert torch.equal(resumed["rng_states"]["cpu"], reference["rng_states"]["cpu"])

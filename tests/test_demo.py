@@ -153,6 +153,10 @@ def _expected_grid(model: DiffusionModule, seed: int, **settings) -> np.ndarray:
         ({"num_steps": 51}, "steps must be an integer in [1, 50]"),
         ({"num_steps": 0}, "steps must be an integer in [1, 50]"),
         ({"num_steps": 2.5}, "steps must be an integer"),
+        # each sampler's own range: a multistep solver on uniform spacing takes at most T - 1 = 49 steps
+        ({"sampler": "unipc", "num_steps": 50}, "steps must be an integer in [1, 49] for unipc on this model (T = 50)"),
+        ({"sampler": "dpmpp_2m", "num_steps": 50}, "steps must be an integer in [1, 49] for dpmpp_2m"),
+        ({"sampler": "heun", "num_steps": 51}, "steps must be an integer in [1, 50] for heun"),
         ({"guidance_scale": 11.0}, "guidance scale must be in [0, 10]"),
         ({"guidance_scale": -1.0}, "guidance scale must be in [0, 10]"),
         ({"seed": -1}, "seed must be an integer"),
@@ -173,8 +177,21 @@ def test_absurd_requests_are_refused_with_a_message(model, change, needle):
 def test_request_inside_the_limits_passes(model):
     demo.check_request(model, "ddpm", 50, 10.0, 2**63 - 1, 16, max_batch=16)
     demo.check_request(model, "ddim", 1, 0.0, 0, 1, max_batch=16)
+    for sampler, high in [("unipc", 49), ("dpmpp_2m_sde", 49), ("heun", 50), ("euler", 50)]:
+        demo.check_request(model, sampler, high, 1.0, 0, 1, max_batch=16)  # and the sampler really runs that many:
+        images, _ = demo.generate(model, "0", sampler, high, 1.0, 0, 1)
+        assert images.shape == (1, 1, 8, 8) and torch.isfinite(images).all()
     with pytest.raises(demo.DemoError, match="class must be 'all' or an integer in \\[0, 2\\]"):
         demo.batch_labels(model, "3", 4)
+
+
+def test_steps_slider_spans_the_chosen_samplers_range(model):
+    gr = _need("gradio")
+    for sampler, value, (high, shown) in [("unipc", 50, (49, 49)), ("ddim", 30, (50, 30)), ("heun", 50, (50, 50))]:
+        slider = demo.steps_slider_update(gr, model, sampler, value)
+        assert (slider.maximum, slider.value) == (high, shown), sampler
+        assert f"1 to {high} for {sampler}" in slider.info
+    assert "DDPM always runs all T = 50 steps" in demo.steps_slider_update(gr, model, "ddpm", 10).info
 
 
 def test_generation_is_deterministic_given_the_seed(model):
@@ -274,6 +291,7 @@ def test_client_api_returns_grid_trajectory_and_zip(server, model, tmp_path):
         (("0", "ddim", 10, 99.0, 0, 2), "Value 99.0 is greater than maximum value 10.0"),
         # ... and the handler's checks for what they let through
         (("0", "ddim", 2.5, 1.0, 0, 2), "steps must be an integer in [1, 50]"),
+        (("0", "unipc", 50, 1.0, 0, 2), "steps must be an integer in [1, 49] for unipc"),  # not the solver's error
         (("0", "ddim", 10, 1.0, None, 2), "seed must be an integer"),
         (("0", "bogus", 10, 1.0, 0, 2), "bogus"),  # gradio's choices check, or the handler's
         (("7", "ddim", 10, 1.0, 0, 2), "7"),

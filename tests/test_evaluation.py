@@ -174,8 +174,18 @@ def test_sample_command_with_a_fast_solver(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_sweep_by_nfe_plots_quality_accuracy_and_time(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    """... with one Evaluator for all rows: each feature network is built (loaded) once, not once per row."""
+    from ddpm_lightning.metrics import evaluator
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     out = tmp_path / "nfe"
+    built, build = [], evaluator.build_extractor
+
+    def counting_build(kind, *args):
+        built.append(kind)
+        return build(kind, *args)
+
+    monkeypatch.setattr(evaluator, "build_extractor", counting_build)
     main(
         ["sweep", f"--config={CONFIG}", f"--ckpt_path={tiny_checkpoint}", f"--data_root={shared_data}"]
         + ["--samplers", "ddim", "dpmpp_2m", "heun", "--nfe", "6", "10", "--guidance_scale=3", "--num_samples=20"]
@@ -193,6 +203,7 @@ def test_sweep_by_nfe_plots_quality_accuracy_and_time(tiny_checkpoint, shared_da
     ]  # guided: two evaluations per step; heun: two per step but the last
     assert all(0 <= r["cond_acc"] <= 1 and r["fid_classifier"] > result["floor"]["fid_classifier"] for r in rows)
     assert (out / "sweep.png").stat().st_size > 10_000
+    assert built == ["classifier"]  # six rows and the real-data floor
 
 
 def test_test_without_a_checkpoint_is_refused_unless_asked(shared_data, capsys):

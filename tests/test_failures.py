@@ -3,6 +3,7 @@ corrupt or code-carrying checkpoint is refused with its path, and nothing in it 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -82,14 +83,134 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
-def test_checkpoint_with_code_is_refused_and_never_run(shared_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("writer", "command"),
+    [("torch.save", "fit"), ("pickle.dump", "fit"), ("torch.save legacy", "sample"), ("pickle.dump", "export")],
+)
+def test_checkpoint_with_code_is_refused_and_never_run(writer, command, shared_data, tmp_path, monkeypatch, capsys):
+    """Whatever wrote it (torch's zip, torch's legacy format, a plain pickle), a file whose unpickling would call a
+    function is named for what it holds, never "truncated or corrupt", and nothing in it runs."""
     monkeypatch.chdir(tmp_path)
     pwned = tmp_path / "PWNED"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "global_step": 0, "payload": _CreatesFile(pwned)}, evil)
+    payload = {"state_dict": {}, "global_step": 0, "payload": _CreatesFile(pwned)}
+    with open(evil, "wb") as f:
+        if writer == "pickle.dump":
+            pickle.dump(payload, f)
+        else:
+            torch.save(payload, f, _use_new_zipfile_serialization=writer == "torch.save")
     assert not pwned.exists()
-    fragment = write_fragment(tmp_path / "run.yaml", shared_data)
-    line = _main_exit(["fit", *recipe_args("mnist.yaml", fragment), f"--ckpt_path={evil}"], capsys)
-    assert line.startswith(f"ddpm: error: refusing to load checkpoint '{evil}': it holds objects that could run"), line
-    assert "open" in line  # the global it refused
+    if command == "fit":
+        args = ["fit", *recipe_args("mnist.yaml", write_fragment(tmp_path / "run.yaml", shared_data))]
+    else:
+        args = [command, f"--out_dir={tmp_path / 'out'}"]
+    line = _main_exit([*args, f"--ckpt_path={evil}"], capsys)
+    expected = (
+        f"ddpm: error: refusing to load checkpoint '{evil}': it holds objects other than tensors and plain values"
+    )
+    assert line.startswith(expected) and "weights_only=True on purpose, so nothing in it was run" in line, line
+    assert "open" in line or "Unsupported operand" in line  # the global it refused, or the opcode
     assert not pwned.exists()  # weights_only=True refused the global before calling it
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_metrics_sampling_the_model_cannot_run_stops_before_training(
+    subcommand, shared_data, tmp_path, monkeypatch, capsys
+):
+    """UniPC on uniform spacing takes at most T - 1 = 19 steps on T = 20: SampleMetrics' dry run at set-up refuses 20
+    in one line, before any training step (fit, metrics every epoch) or test batch."""
+    from ddpm_lightning.module import DiffusionModule
+
+    monkeypatch.chdir(tmp_path)
+    steps = []
+    for name in ("training_step", "test_step"):
+        real = getattr(DiffusionModule, name)
+        monkeypatch.setattr(
+            DiffusionModule, name, lambda self, *a, _real=real, **k: steps.append(1) or _real(self, *a, **k)
+        )
+    fragment = write_fragment(tmp_path / "run.yaml", shared_data)
+    args = [subcommand, *recipe_args("mnist.yaml", fragment), "--model.num_timesteps=20", "--untrained=true"]
+    args += ["--metrics.sampling.sampler=unipc", "--metrics.sampling.num_steps=20", "--metrics.every_n_epochs=1"]
+    line = _main_exit(args, capsys)
+    assert line == "ddpm: error: num_steps must be an integer in [1, 19] for spacing 'uniform', got 20", line
+    assert steps == []  # not a training step nor a test batch ran
+
+
+# -- ddpm export's out_dir: refused where it would write over something, and never deletes ---------------------------
+@pytest.fixture(scope="module")
+def export_ckpt(tmp_path_factory) -> Path:
+    """A small 8x8 checkpoint as Lightning writes it (as far as loading reads it)."""
+    import lightning as L
+
+    from ddpm_lightning.module import DiffusionModule
+
+    module = DiffusionModule(
+        in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4,
+        num_timesteps=50,
+    )  # fmt: skip
+    ckpt = tmp_path_factory.mktemp("run") / "last.ckpt"
+    payload = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3}
+    torch.save({**payload, "pytorch-lightning_version": L.__version__, "epoch": 0}, ckpt)
+    return ckpt
+
+
+def _export(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["export", f"--ckpt_path={ckpt}", f"--out_dir={out}", *extra]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_to_an_existing_file_is_one_line_and_leaves_it(export_ckpt, tmp_path, capsys):
+    target = tmp_path / "some_file.txt"
+    target.write_text("keep me")
+    line = _main_exit(_export(export_ckpt, target), capsys)
+    assert line == f"ddpm: error: out_dir '{target}': '{target}' is an existing file, not a folder", line
+    line = _main_exit(_export(export_ckpt, target / "sub", "--overwrite=true"), capsys)  # nor a folder under it
+    assert line.endswith(f"'{target}' is an existing file, not a folder"), line
+    assert target.read_text() == "keep me"
+
+
+def test_export_into_a_non_empty_folder_needs_overwrite_and_touches_nothing_else(export_ckpt, tmp_path, capsys):
+    from ddpm_lightning.hub import EXPORT_FILES
+
+    out = tmp_path / "mine"
+    (out / "unet").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "unet" / "old.bin").write_bytes(b"\x00" * 16)
+    before = _snapshot(out)
+    line = _main_exit(_export(export_ckpt, out), capsys)
+    assert line.startswith(f"ddpm: error: out_dir '{out}' is not empty (2 entries, e.g. 'notes.txt')"), line
+    assert "not an earlier export" in line and "--overwrite true" in line
+    assert _snapshot(out) == before  # nothing written
+
+    main(_export(export_ckpt, out, "--overwrite=true"))
+    after = _snapshot(out)
+    assert {k: after[k] for k in before} == before  # what the export did not write is untouched, nothing deleted
+    assert set(after) == set(before) | set(EXPORT_FILES)
+
+
+def test_export_over_an_earlier_export_needs_overwrite(export_ckpt, tmp_path, capsys):
+    out = tmp_path / "export"
+    main(_export(export_ckpt, out))  # a new folder: no flag needed
+    (out / "mine.txt").write_text("added by hand")
+    readme = out / "README.md"
+    readme.write_text("edited card")
+    line = _main_exit(_export(export_ckpt, out), capsys)
+    assert line.startswith(f"ddpm: error: out_dir '{out}' holds an earlier export; pass --overwrite true"), line
+    assert readme.read_text() == "edited card"  # refused: nothing replaced
+
+    main(_export(export_ckpt, out, "--overwrite=true"))
+    assert readme.read_text() != "edited card"  # the card written anew
+    assert (out / "mine.txt").read_text() == "added by hand"
+
+
+@pytest.mark.parametrize("max_time", ["soon", "{weeks: 1, fortnights: 2}"])
+def test_max_time_that_is_not_a_duration_is_one_line(max_time, shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fragment = write_fragment(tmp_path / "run.yaml", shared_data)
+    line = _main_exit(["fit", *recipe_args("mnist.yaml", fragment), f"--trainer.max_time={max_time}"], capsys)
+    assert line.startswith("ddpm: error: --trainer.max_time ") and "is not a duration: give DD:HH:MM:SS" in line, line
+    assert not (tmp_path / "lightning_logs").exists()  # refused before the trainer (and its logger) existed

@@ -28,7 +28,9 @@ from scaleout import (
 )
 
 #: a plain progress line of ddpm_lightning.callbacks.ProgressBar (its format: tests/test_progress.py)
-PROGRESS_LINE = re.compile(r"^epoch \d+/\d+ step \d+/\d+ loss \d+\.\d{4}( val/loss \d+\.\d{4})? \d+\.\d img/s ETA \S+$")
+PROGRESS_LINE = re.compile(
+    r"^epoch \d+/\d+ step \d+/\d+ loss \d+\.\d{4}( val/loss \d+\.\d{4})? \d+\.\d img/s ETA \S+( \(\w+\))?$"
+)
 
 
 @pytest.mark.slow

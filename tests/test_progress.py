@@ -17,10 +17,11 @@ from ddpm_lightning.callbacks import EMA, ProgressBar
 from ddpm_lightning.cli import build_cli
 from ddpm_lightning.module import DiffusionModule
 
-#: one plain line: epoch E/N step S/T loss L [val/loss V] R img/s ETA H:MM:SS
+#: one plain line: epoch E/N step S/T loss L [val/loss V] R img/s ETA H:MM:SS (LIMIT)
 LINE = re.compile(
     r"^epoch (?P<epoch>\d+)/(?P<epochs>\d+|\?) step (?P<step>\d+)/(?P<total>\d+|\?) loss (?P<loss>\d+\.\d{4})"
-    r"(?: val/loss (?P<val>\d+\.\d{4}))? (?P<rate>\d+\.\d) img/s ETA (?P<eta>\d+:\d\d:\d\d|\?)$"
+    r"(?: val/loss (?P<val>\d+\.\d{4}))? (?P<rate>\d+\.\d) img/s "
+    r"ETA (?:(?P<eta>\d+:\d\d:\d\d) \((?P<limit>max_steps|max_epochs|max_time)\)|\?)$"
 )
 
 
@@ -35,7 +36,7 @@ def _loader(n: int, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=8)
 
 
-def _fit(tmp_path, bar: ProgressBar, epochs: int = 2) -> L.Trainer:
+def _fit(tmp_path, bar: ProgressBar, epochs: int = 2, callbacks_extra: tuple = (), **trainer_args) -> L.Trainer:
     """4 training batches of 8 images per epoch, one validation batch at each epoch's end, a sanity check first."""
     model = DiffusionModule(
         in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4,
@@ -49,7 +50,8 @@ def _fit(tmp_path, bar: ProgressBar, epochs: int = 2) -> L.Trainer:
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=1,
-        callbacks=[EMA(decay=0.9), bar],
+        callbacks=[EMA(decay=0.9), bar, *callbacks_extra],
+        **trainer_args,
     )
     trainer.fit(model, _loader(32), _loader(8, seed=1))
     return trainer
@@ -75,7 +77,30 @@ def test_not_a_tty_prints_one_plain_line_per_step(tmp_path, capsys):
     assert lines[4]["val"] != lines[-1]["val"]  # the second validation's line shows the new loss
     assert all(float(m["rate"]) > 0 and 0 < float(m["loss"]) < 10 for m in lines)
     assert lines[-1]["eta"] == "0:00:00"
+    assert {m["limit"] for m in lines} == {"max_epochs"}  # 2 epochs x 4 batches end the run
     assert "━" not in out and "Epoch 0" not in out  # nothing of the rich bar (nor of the sanity check)
+
+
+def test_eta_counts_the_limit_that_ends_the_run_first_and_names_it(tmp_path, capsys):
+    """max_steps 6 comes before 2 epochs x 4 batches; a 5-hour max_time comes after both; without a step limit (an
+    unbounded number of epochs, stopped here by the test at step 6) the ETA is max_time's: under 5 hours."""
+    _fit(tmp_path, ProgressBar(every_n_steps=1), max_steps=6, max_time="00:05:00:00")
+    lines = _lines(capsys.readouterr().out)
+    assert [int(m["step"]) for m in lines] == [1, 2, 3, 4, 4, 5, 6]
+    assert {(m["total"], m["limit"]) for m in lines} == {("6", "max_steps")}
+    assert lines[-1]["eta"] == "0:00:00"
+
+    class StopAt6(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = trainer.global_step >= 6
+
+    _fit(tmp_path, ProgressBar(every_n_steps=1), epochs=-1, max_time="00:05:00:00", callbacks_extra=[StopAt6()])
+    lines = _lines(capsys.readouterr().out)
+    assert [m["limit"] for m in lines] == ["max_time"] * len(lines) and lines[-1]["step"] == "6"
+    seconds = [sum(int(x) * f for x, f in zip(m["eta"].split(":"), (3600, 60, 1))) for m in lines]
+    assert all(4 * 3600 < s <= 5 * 3600 for s in seconds), seconds  # 5 h minus the seconds this run took
+    assert seconds == sorted(seconds, reverse=True)
+    assert {(m["epochs"], m["total"]) for m in lines} == {("?", "?")}
 
 
 def test_time_interval_prints_after_validation_and_at_the_end(tmp_path, capsys):

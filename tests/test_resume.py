@@ -7,8 +7,16 @@ import signal
 import subprocess
 
 import pytest
-import torch
-from scaleout import PY, load_ckpt, only_run_dir, recipe_args, subprocess_env, tail, write_fragment
+from scaleout import (
+    PY,
+    assert_same_training_state,
+    load_ckpt,
+    only_run_dir,
+    recipe_args,
+    subprocess_env,
+    tail,
+    write_fragment,
+)
 
 from ddpm_lightning.cli import build_cli
 
@@ -40,16 +48,4 @@ def test_sigkill_mid_epoch_then_resume_last_equals_the_uninterrupted_run(shared_
     resumed = load_ckpt(killed_dir / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
 
     assert (resumed["global_step"], resumed["epoch"]) == (reference["global_step"], reference["epoch"]) == (12, 1)
-    for key in ("state_dict", "current_model_state", "averaging_state"):  # EMA weights, raw weights, n_averaged
-        assert resumed[key].keys() == reference[key].keys()
-        for name, value in reference[key].items():
-            assert torch.equal(resumed[key][name], value), f"{key}.{name}"
-    assert resumed["lr_schedulers"] == reference["lr_schedulers"]
-    (opt_resumed,), (opt_reference,) = resumed["optimizer_states"], reference["optimizer_states"]
-    assert opt_resumed["param_groups"] == opt_reference["param_groups"]
-    for idx, state in opt_reference["state"].items():
-        for name, value in state.items():
-            assert torch.equal(opt_resumed["state"][idx][name], value), f"optimizer state {idx}.{name}"
-    ema_state = next(v for k, v in reference["callbacks"].items() if k.startswith("EMA"))
-    assert next(v for k, v in resumed["callbacks"].items() if k.startswith("EMA")) == ema_state
-    assert torch.equal(resumed["rng_states"]["cpu"], reference["rng_states"]["cpu"])
+    assert_same_training_state(resumed, reference)

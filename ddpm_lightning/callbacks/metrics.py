@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ddpm_lightning.callbacks.ema import ema_weights
 from ddpm_lightning.metrics.evaluator import Evaluator
-from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig
+from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, check_runs
 
 
 class SampleMetrics(Callback):
@@ -69,6 +69,11 @@ class SampleMetrics(Callback):
         return self.evaluator.settings
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a setting the model cannot sample with stops the run now (one line), not after an epoch or the test loop
+        if stage == "test" or (stage == "fit" and self.every_n_epochs is not None):
+            check_runs(self.evaluator.sampling, pl_module.diffusion)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs is None or trainer.sanity_checking or trainer.fast_dev_run:
             return

@@ -4,7 +4,7 @@ A SLURM job's ``.out`` file (or any redirected stdout) cannot show a live bar: t
 wrapped mess at the end of the file. When stdout is not a terminal, :class:`ProgressBar` prints instead, on rank
 zero only, one flushed line every ``every_n_seconds`` of wall time (or every ``every_n_steps`` optimizer steps):
 
-    epoch 1/20 step 450/8400 loss 0.0412 val/loss 0.0398 38.2 img/s ETA 1:02:13
+    epoch 1/20 step 450/8400 loss 0.0412 val/loss 0.0398 38.2 img/s ETA 1:02:13 (max_epochs)
 
 * ``epoch E/N``: 1-based epoch of ``max_epochs`` (``?`` when unbounded); ``step S/T``: optimizer steps done, of the
   trainer's estimate of all steps (``max_steps``, epochs x batches, accumulation);
@@ -13,8 +13,9 @@ zero only, one flushed line every ``every_n_seconds`` of wall time (or every ``e
   whose loss differs from the one shown last;
 * ``img/s``: training images per second over all ranks (rank zero's batch x world size), since the last line,
   validation time left out; ``mem``: peak CUDA memory of rank zero (GPU runs only);
-* ``ETA``: the remaining steps at the average step time of this run so far (validation included, so it is honest
-  for long runs).
+* ``ETA``: the time left until the first limit that ends the run, and which: ``max_steps`` or ``max_epochs``
+  (the remaining steps at the average step time of this run so far, validation included, so it is honest for long
+  runs) or ``max_time`` (the Timer's remaining time), e.g. ``ETA 0:12:40 (max_time)``.
 
 A last line is printed when training ends, unless the last step's line was just printed. In a terminal, or with
 ``plain: false``, it is exactly Lightning's :class:`~lightning.pytorch.callbacks.RichProgressBar`.
@@ -30,7 +31,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from torch import Tensor
 
@@ -167,17 +168,26 @@ class ProgressBar(RichProgressBar):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             parts.append(f"mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-        parts.append(f"ETA {self._eta(step, total, now)}")
+        parts.append(f"ETA {self._eta(trainer, step, total, now)}")
         print(" ".join(parts), flush=True)
         self._last_step_shown, self._last_line_time = step, now
         self._reset_window(now)
 
-    def _eta(self, step: int, total: float, now: float) -> str:
+    def _eta(self, trainer: L.Trainer, step: int, total: float, now: float) -> str:
+        """Time left until the first limit that ends the run, and its name: ``0:12:40 (max_time)``; ``?`` unknown."""
         done = step - self._start_step
-        if done <= 0 or not math.isfinite(total):
+        limits: list[tuple[float, str]] = []
+        if done > 0 and math.isfinite(total):
+            by_steps = trainer.max_steps not in (None, -1) and total == trainer.max_steps
+            seconds = (now - self._start_time) / done * max(total - step, 0)
+            limits.append((seconds, "max_steps" if by_steps else "max_epochs"))
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        if timer is not None and (remaining := timer.time_remaining()) is not None:
+            limits.append((max(remaining, 0.0), "max_time"))
+        if not limits:
             return "?"
-        seconds = (now - self._start_time) / done * max(total - step, 0)
-        return str(datetime.timedelta(seconds=round(seconds)))
+        seconds, limit = min(limits)
+        return f"{datetime.timedelta(seconds=round(seconds))} ({limit})"
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.plain:

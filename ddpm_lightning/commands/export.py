@@ -18,11 +18,17 @@ DESCRIPTION = "Write a checkpoint as a diffusers folder: unet/, scheduler/, mode
 def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by `ddpm fit`")
     parser.add_argument("--out_dir", type=str, required=True, help="the folder to write (DDPMPipeline.from_pretrained)")
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="write into a non-empty out_dir (an earlier export): only the export's own files are replaced",
+    )
 
 
 def run(cfg: Namespace) -> Path:
     from ddpm_lightning.hub import export_checkpoint
 
-    out = export_checkpoint(cfg.ckpt_path, cfg.out_dir)
+    out = export_checkpoint(cfg.ckpt_path, cfg.out_dir, overwrite=cfg.overwrite)
     print(f"wrote {out} (load with diffusers: DDPMPipeline.from_pretrained({str(out)!r}); see {out / 'README.md'})")
     return out

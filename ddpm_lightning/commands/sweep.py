@@ -96,15 +96,15 @@ def run(cfg: Namespace) -> list[dict]:
         settings = plan_nfe(cfg.samplers, cfg.nfe, base, T, conditional)
     else:
         settings = plan(cfg.samplers, cfg.steps, base, T)
-    evaluator_args = {k: cfg[k] for k in EVALUATOR_KEYS}
+    evaluator = Evaluator(**{k: cfg[k] for k in EVALUATOR_KEYS})  # one for all rows: feature networks built once
     rows = []
     for name, sampling in settings:
-        res = Evaluator(sampling=sampling, **evaluator_args).evaluate(model, datamodule, progress=True)
+        res = evaluator.evaluate(model, datamodule, progress=True, sampling=sampling)
         steps = sampling.steps(T)
         rows.append({"sampler": name, "steps": steps, "nfe": sampling.nfe(T, conditional), **res})
         rows[-1]["settings"] = sampling.to_dict()
         print(format_row(rows[-1]), flush=True)
-    floor = Evaluator(**evaluator_args).real_floor(datamodule, cfg.extractors[0]) if cfg.floor else None
+    floor = evaluator.real_floor(datamodule, cfg.extractors[0]) if cfg.floor else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.append and (out / "sweep.json").is_file():  # an earlier sweep of the same checkpoint: one table, one plot

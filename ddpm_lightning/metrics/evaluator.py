@@ -158,16 +158,20 @@ class Evaluator:
         world: int = 1,
         gather: Callable[[Tensor], Tensor] | None = None,
         progress: bool = False,
+        sampling: SamplingConfig | None = None,
     ) -> dict[str, float]:
         """Generate this rank's share of the samples, extract features, gather them, and score against the data.
 
         ``model`` is a :class:`~ddpm_lightning.module.DiffusionModule` (anything with ``sample``, ``device``,
         ``conditional``, ``hparams.num_classes``); ``gather`` maps a (per_rank, ...) tensor to (world, per_rank, ...).
+        ``sampling`` replaces :attr:`sampling` for this call: one evaluator (its feature networks built once) scores
+        many sampling settings, as ``ddpm sweep`` does.
         """
         n, start = self.num_samples, time.perf_counter()
+        sampling = self.sampling if sampling is None else SamplingConfig.of(sampling)
         indices = list(range(rank, n, world))
         images, labels = generate(
-            model, indices, sampling=self.sampling, seed=self.seed, batch_size=self.batch_size, progress=progress
+            model, indices, sampling=sampling, seed=self.seed, batch_size=self.batch_size, progress=progress
         )
         sample_seconds = time.perf_counter() - start
 
@@ -195,5 +199,5 @@ class Evaluator:
             )
         results["seconds"] = time.perf_counter() - start
         results["sample_seconds_per_1k"] = sample_seconds * 1000 / max(1, images.shape[0])
-        results["nfe_per_sample"] = float(self.sampling.nfe(model.diffusion.num_timesteps, model.conditional))
+        results["nfe_per_sample"] = float(sampling.nfe(model.diffusion.num_timesteps, model.conditional))
         return results
