@@ -263,11 +263,11 @@ class FinalCheckpoint(Checkpoint):
     def __init__(self) -> None:
         self._interrupted = False
         self._sigint_handler: Any = None
-        self._written: tuple[str, int] | None = None  # (path, global step) of last.ckpt, once known
+        self._written: dict[str, int] = {}  # path of each last.ckpt -> the global step it holds, once known
 
     # -- Ctrl-C: finish the step, then stop; SIGTERM: noted --------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._interrupted, self._written = False, None
+        self._interrupted, self._written = False, {}
         if threading.current_thread() is threading.main_thread():
             self._sigint_handler = signal.signal(signal.SIGINT, self._on_sigint)
         # Lightning registers its SIGTERM handler right after on_fit_start. Under DDP its handler broadcasts from
@@ -342,36 +342,43 @@ class FinalCheckpoint(Checkpoint):
 
     # -- writing -------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _target(trainer: L.Trainer) -> ModelCheckpoint | None:
-        cb = trainer.checkpoint_callback
-        return cb if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None else None
+    def _targets(trainer: L.Trainer) -> list[ModelCheckpoint]:
+        """Every ModelCheckpoint that keeps a last.ckpt (a recipe's and, say, the experiments runner's each have
+        one), else the trainer's first ModelCheckpoint."""
+        found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        with_last = [cb for cb in found if cb.save_last]
+        return with_last or found[:1]
 
     def _save(self, trainer: L.Trainer) -> None:
-        cb = self._target(trainer)
-        if cb is None or trainer.global_step == 0 or trainer.fast_dev_run:
+        if trainer.global_step == 0 or trainer.fast_dev_run:
             return
+        for cb in self._targets(trainer):
+            self._save_last(trainer, cb)
+
+    def _save_last(self, trainer: L.Trainer, cb: ModelCheckpoint) -> None:
         step = trainer.global_step
-        if self._written == (cb.last_model_path, step):
+        if cb.last_model_path and self._written.get(cb.last_model_path) == step:
             return
         if (
             cb.last_model_path
             and cb._last_checkpoint_saved == cb.last_model_path
             and cb._last_global_step_saved == step
         ):
-            self._written = (cb.last_model_path, step)  # ModelCheckpoint wrote last.ckpt at this step itself
+            self._written[cb.last_model_path] = step  # ModelCheckpoint wrote last.ckpt at this step itself
             return
         path = cb.format_checkpoint_name(cb._monitor_candidates(trainer), cb.CHECKPOINT_NAME_LAST)
         cb.last_model_path = path  # part of the checkpoint's own state
         trainer.save_checkpoint(path, cb.save_weights_only)
-        self._written = (path, step)
+        self._written[path] = step
         # ModelCheckpoint writes nothing more at this step: its on_train_end (and an epoch end after a mid-epoch
         # stop) would replace this file by the state after the epoch, which resumes into the next epoch
         cb._last_checkpoint_saved, cb._last_global_step_saved = path, step
 
     def _announce(self, trainer: L.Trainer, why: str) -> None:
         """The closing log line: where the final checkpoint is, and its step when known."""
-        cb = self._target(trainer)
-        if cb is None or not cb.last_model_path or not Path(cb.last_model_path).is_file():
-            return
-        at = f" (step {self._written[1]})" if self._written and self._written[0] == cb.last_model_path else ""
-        rank_zero_info(f"{why}: final checkpoint{at}: {Path(cb.last_model_path).resolve()}")
+        for cb in self._targets(trainer):
+            if not cb.last_model_path or not Path(cb.last_model_path).is_file():
+                continue
+            step = self._written.get(cb.last_model_path)
+            at = f" (step {step})" if step is not None else ""
+            rank_zero_info(f"{why}: final checkpoint{at}: {Path(cb.last_model_path).resolve()}")

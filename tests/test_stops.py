@@ -91,6 +91,18 @@ def _closing_line(proc: subprocess.CompletedProcess, cwd: Path, step: int) -> st
     return lines[-1]
 
 
+def test_every_model_checkpoint_with_save_last_gets_the_final_step(tmp_path):
+    """A second ModelCheckpoint (as the experiments runner adds one with its own folder) keeps its last.ckpt at the
+    final step too, not at its own last save (step 4 here)."""
+    other = tmp_path / "runner_ckpts"
+    second = callback("lightning.pytorch.callbacks.ModelCheckpoint", dirpath=str(other), save_last=True)
+    second["init_args"] |= {"every_n_train_steps": 4, "save_top_k": -1, "filename": "{step:06d}"}
+    _fit(tmp_path, [*_args(tmp_path, second), "--trainer.max_steps=9"])
+    assert _stopped_at(tmp_path, 9)["epoch"] == 1
+    assert load_ckpt(other / "last.ckpt")["global_step"] == 9
+    assert sorted(p.name for p in other.glob("step=*.ckpt")) == ["step=000004.ckpt", "step=000008.ckpt"]  # its own
+
+
 def test_max_steps_mid_epoch_writes_last_and_resumes_exactly(reference, tmp_path):
     """max_steps 9 stops 3 steps into epoch 1 (ModelCheckpoint alone would keep the step-12-less state of nothing)."""
     _fit(tmp_path, [*_args(tmp_path), "--trainer.max_steps=9"])
