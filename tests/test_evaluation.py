@@ -57,6 +57,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     res = first["results"]
     assert {"fid_classifier", "kid_classifier", "is_classifier", "cond_acc", "sample_seconds_per_1k"} <= set(res)
     assert res["fid_classifier"] > 0 and 0 <= res["cond_acc"] <= 1
+    assert 0 <= res["precision_classifier"] <= 1 and 0 <= res["recall_classifier"] <= 1  # k = 3, the FID features
     s = first["settings"]
     assert (s["num_samples"], s["sampler"], s["num_steps"], s["seed"], s["reference_split"]) == (
         40,
@@ -102,6 +103,8 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
     one, two = results[1]["results"], results[2]["results"]
     assert two["fid_classifier"] == pytest.approx(one["fid_classifier"], rel=1e-4)
     assert two["cond_acc"] == one["cond_acc"]
+    for key in ("precision_classifier", "recall_classifier"):  # the gathered features, in index order
+        assert two[key] == one[key]
 
 
 def test_fid_real_vs_real_is_small_and_real_vs_noise_large(shared_data, tmp_path):
@@ -232,9 +235,12 @@ def test_sweep_command_table_json_and_plot(tiny_checkpoint, shared_data, tmp_pat
         ("ddpm", 100),
     ]
     assert all(r["fid_classifier"] > 0 for r in rows) and (out / "sweep.png").stat().st_size > 10_000
+    floor = json.loads((out / "sweep.json").read_text())["floor"]
+    assert all(0 <= r["precision_classifier"] <= 1 and 0 <= r["recall_classifier"] <= 1 for r in [*rows, floor])
     # more steps cost more time per sample
     assert rows[2]["sample_seconds_per_1k"] > rows[0]["sample_seconds_per_1k"]
-    assert "ddpm   100 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ddpm   100 steps" in printed and "precision_classifier=" in printed and "recall_classifier=" in printed
 
 
 @pytest.mark.slow
