@@ -76,12 +76,18 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     assert second["fid_classifier"] == res["fid_classifier"]  # same seed, same samples, same number
     assert second["cond_acc"] == res["cond_acc"]
 
-    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1", "--metrics.background=true"]))
+    caplog.clear()
+    nll = ["--metrics.nll=true", "--metrics.nll_num_images=3"]  # the variational bound of 3 test digits
+    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1", "--metrics.background=true", *nll]))
     other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed1.json")).read_text())
     assert other["results"]["fid_classifier"] != res["fid_classifier"]
     # a few steps of training leave grey where real digits are black (real test digits: ~0.0001)
     assert 0.01 < other["results"]["background_noise"] <= 1 and other["settings"]["background"] is True
     assert "background_noise" not in res
+    assert other["results"]["nll_num_images"] == 3 and other["settings"]["nll_variance"] == "fixed_large"
+    bpd, stderr = other["results"]["nll_bpd"], other["results"]["nll_bpd_stderr"]
+    assert 0.5 < bpd < 1e4 and 0 < stderr < bpd and "nll_bpd" not in res  # 3 training steps: far above MNIST's ~1
+    assert f"test NLL: {bpd:.4f} ± {stderr:.4f} bits/dim" in caplog.text
 
 
 @pytest.mark.slow
@@ -93,7 +99,7 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
         extra = ["--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
         extra += ["--trainer.strategy=ddp"] if devices == 2 else []
         cmd = [sys.executable, "-m", "ddpm_lightning.cli", *_test_args(shared_data, tiny_checkpoint, cache, extra)]
-        cmd += ["--metrics.seed=7"]
+        cmd += ["--metrics.seed=7", "--metrics.nll=true", "--metrics.nll_num_images=3"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed7.json"))
@@ -105,6 +111,7 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
     assert two["cond_acc"] == one["cond_acc"]
     for key in ("precision_classifier", "recall_classifier"):  # the gathered features, in index order
         assert two[key] == one[key]
+    assert two["nll_bpd"] == pytest.approx(one["nll_bpd"], rel=1e-6)  # image i scored with its own noise on any rank
 
 
 def test_fid_real_vs_real_is_small_and_real_vs_noise_large(shared_data, tmp_path):

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID, KID, IS and conditional accuracy, at ``ddpm test`` and (opt-in) during training.
+"""Sample-quality metrics: FID, KID, IS, precision/recall and conditional accuracy, at ``ddpm test`` and (opt-in)
+during training; with ``nll: true``, ``ddpm test`` also bounds the test-set NLL in bits/dim.
 
 The CLI adds this callback under the ``metrics`` key: ``ddpm test --config X.yaml --ckpt_path C --metrics.num_samples
 2000``. During ``fit`` it runs only when ``every_n_epochs`` is set: a metric never costs time silently. The work is
@@ -17,7 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from ddpm_lightning.callbacks.ema import ema_weights
+from ddpm_lightning.diffusion import VarianceType
 from ddpm_lightning.metrics.evaluator import Evaluator
+from ddpm_lightning.metrics.nll import dataset_nll
 from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, check_runs
 
 
@@ -28,6 +31,10 @@ class SampleMetrics(Callback):
         num_samples, sampling, seed, batch_size, extractors, classifier, inception_weights, reference_split,
             reference_num, cache_dir, background: see :class:`~ddpm_lightning.metrics.evaluator.Evaluator`.
         every_n_epochs: also evaluate during ``fit`` every n epochs (``None``: only at ``ddpm test``).
+        nll: at ``ddpm test``, also the variational bound on the NLL (:mod:`ddpm_lightning.likelihood`) of
+            ``nll_num_images`` test images, in bits/dim with its standard error (T network evaluations per image).
+        nll_num_images: test images in the NLL (the first of the split's subset seeded by ``seed``).
+        nll_variance: sigma_t^2 of the reverse steps in the bound: "fixed_large" (beta_t) or "fixed_small".
     """
 
     def __init__(
@@ -44,9 +51,16 @@ class SampleMetrics(Callback):
         every_n_epochs: int | None = None,
         cache_dir: str | None = None,
         background: bool = False,
+        nll: bool = False,
+        nll_num_images: int = 100,
+        nll_variance: VarianceType = "fixed_large",
     ) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError("every_n_epochs must be >= 1 (or null)")
+        if nll_num_images < 2:
+            raise ValueError(f"nll_num_images must be >= 2 (a standard error needs two images), got {nll_num_images}")
+        if nll_variance not in ("fixed_large", "fixed_small"):
+            raise ValueError(f"unknown nll_variance {nll_variance!r}; choose one of: fixed_large, fixed_small")
         self.evaluator = Evaluator(
             num_samples=num_samples,
             sampling=SamplingConfig.of(sampling),
@@ -61,12 +75,14 @@ class SampleMetrics(Callback):
             background=background,
         )
         self.every_n_epochs = every_n_epochs
+        self.nll, self.nll_num_images, self.nll_variance = nll, nll_num_images, nll_variance
         self.results: dict[str, float] = {}
         self.json_path: Path | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
-        return self.evaluator.settings
+        nll = {"nll_num_images": self.nll_num_images, "nll_variance": self.nll_variance} if self.nll else {}
+        return {**self.evaluator.settings, **nll}
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -83,6 +99,9 @@ class SampleMetrics(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = self.evaluate(trainer, pl_module, prefix="test")
+        if self.nll:
+            results = {**results, **self.likelihood(trainer, pl_module, prefix="test")}
+            self.results = results
         if trainer.is_global_zero:
             self._write_json(trainer, results)
 
@@ -103,6 +122,23 @@ class SampleMetrics(Callback):
         self.results = results
         return results
 
+    def likelihood(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> dict[str, float]:
+        """The test-set NLL bound in bits/dim on every rank (its share of the images, gathered), logged."""
+        ev = self.evaluator
+        results = dataset_nll(
+            pl_module, trainer.datamodule, self.nll_num_images, seed=ev.seed, variance=self.nll_variance,
+            batch_size=ev.batch_size, rank=trainer.global_rank, world=trainer.world_size,
+            gather=lambda t: pl_module.all_gather(t.to(pl_module.device)).cpu(),
+        )  # fmt: skip
+        for key, value in results.items():
+            pl_module.log(f"{prefix}/{key}", value, rank_zero_only=True)
+        n = int(results["nll_num_images"])
+        rank_zero_info(
+            f"{prefix} NLL: {results['nll_bpd']:.4f} ± {results['nll_bpd_stderr']:.4f} bits/dim (variational bound, "
+            f"{n} test images, {self.nll_variance} variance)"
+        )
+        return results
+
     def _write_json(self, trainer: L.Trainer, results: dict[str, float]) -> Path | None:
         ev = self.evaluator
         ckpt = getattr(trainer, "ckpt_path", None)
@@ -113,7 +149,7 @@ class SampleMetrics(Callback):
         dm = trainer.datamodule
         payload = {
             "results": results,
-            "settings": {**ev.settings, "dataset": type(dm).__name__, "image_size": dm.image_size},
+            "settings": {**self.settings, "dataset": type(dm).__name__, "image_size": dm.image_size},
             "extractors": ev.extractor_names(),
             "checkpoint": str(ckpt) if ckpt else None,
             "world_size": trainer.world_size,
