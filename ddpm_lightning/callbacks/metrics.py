@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -24,7 +24,7 @@ from ddpm_lightning.callbacks.ema import ema_weights
 from ddpm_lightning.diffusion import VarianceType
 from ddpm_lightning.metrics.evaluator import Evaluator
 from ddpm_lightning.metrics.nll import dataset_nll
-from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, check_runs
+from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, check_runs, choice_error
 
 
 class SampleMetrics(Callback):
@@ -65,8 +65,8 @@ class SampleMetrics(Callback):
             raise ValueError("every_n_epochs must be >= 1 (or null)")
         if nll_num_images < 2:
             raise ValueError(f"nll_num_images must be >= 2 (a standard error needs two images), got {nll_num_images}")
-        if nll_variance not in ("fixed_large", "fixed_small"):
-            raise ValueError(f"unknown nll_variance {nll_variance!r}; choose one of: fixed_large, fixed_small")
+        if nll_variance not in get_args(VarianceType):
+            raise choice_error("nll_variance", nll_variance, get_args(VarianceType))
         self.evaluator = Evaluator(
             num_samples=num_samples,
             sampling=SamplingConfig.of(sampling),
