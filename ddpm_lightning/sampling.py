@@ -233,10 +233,16 @@ class SamplingConfig:
         return self.spec.nfe(self, num_timesteps) * (2 if self.guided(conditional) else 1)
 
     def tag(self, conditional: bool = True) -> str:
-        """Short name for file names and tables, e.g. ``ddim50-w3``."""
+        """Short name for file names and tables, e.g. ``ddim50-w3``, ``heun5-smaxend-w1`` (a sigma range other than
+        EDM's: ``end`` is None, the schedule's end)."""
         steps = "" if not self.spec.uses_steps else str(self.num_steps)
         eta = f"-eta{self.eta:g}" if self.eta else ""
-        return f"{self.sampler}{steps}{eta}" + (f"-w{self.guidance_scale:g}" if conditional else "")
+        sigmas = "".join(
+            f"-s{name}{'end' if value is None else f'{value:g}'}"
+            for name, value, default in (("max", self.sigma_max, EDM_SIGMA_MAX), ("min", self.sigma_min, EDM_SIGMA_MIN))
+            if value != default
+        )
+        return f"{self.sampler}{steps}{eta}{sigmas}" + (f"-w{self.guidance_scale:g}" if conditional else "")
 
 
 DEFAULT_SAMPLING = SamplingConfig()  # the neutral default of every `sampling` argument

@@ -161,6 +161,9 @@ def test_sigma_range_flags_tell_null_from_unset():
     changed = sampling_from(parser.parse_args(["--sigma_max", "5", "--sigma_min", "0.1"]), base)
     assert (changed.sigma_max, changed.sigma_min) == (5.0, 0.1)
     assert SamplingConfig.of({"sampler": "unipc", "spacing": "karras", "sigma_min": None}).sigma_min is None
+    assert SamplingConfig(sampler="heun", num_steps=5).tag() == "heun5-w1"  # file names tell the ranges apart
+    full = SamplingConfig(sampler="heun", num_steps=5, sigma_max=None, sigma_min=0.01)
+    assert full.tag() == "heun5-smaxend-smin0.01-w1"
 
 
 @pytest.mark.parametrize(
