@@ -6,6 +6,7 @@ DATA ?= data
 
 install:  ## the package and its test tools, at CI's exact versions (constraints/ci.txt; pyproject.toml has the ranges)
 	$(PYTHON) -m pip install -e ".[dev]" -c constraints/ci.txt
+	$(PYTHON) -m pip install --no-deps k-diffusion -c constraints/ci.txt  # the tests' reference; see pyproject's test extra
 
 install-keep-torch:  ## into an environment with its own torch (a cluster's CUDA build), never replacing it, ending in a working ddpm; EXTRAS=bench
 	PYTHON=$(PYTHON) scripts/install_keep_torch.sh $(EXTRAS)

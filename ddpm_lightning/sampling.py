@@ -12,6 +12,8 @@ that maps the config onto the function's arguments, and its count of network eva
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -22,7 +24,15 @@ from torch import Tensor
 from ddpm_lightning.diffusion import GaussianDiffusion, VarianceType
 from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, ddim_sample, ddpm_sample
 from ddpm_lightning.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, euler_sample, heun_sample, unipc_sample
-from ddpm_lightning.spacings import SPACINGS, Convention, Spacing, choice_error, max_num_steps
+from ddpm_lightning.spacings import (
+    EDM_SIGMA_MAX,
+    EDM_SIGMA_MIN,
+    SPACINGS,
+    Convention,
+    Spacing,
+    choice_error,
+    max_num_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Sampler:
         at_steps: ``(config, k, num_timesteps) -> config`` that takes k steps with this sampler (for sweeps).
         max_steps: ``(config, num_timesteps) -> the largest num_steps it runs`` (T; T - 1 for a multistep solver
             on "uniform" spacing, whose grid has T + 1 points).
+        default_spacing: the solver's spacing when the config sets none (None for DDPM and DDIM).
     """
 
     run: Callable[..., SampleOutput]
@@ -49,21 +60,24 @@ class Sampler:
     uses_spacing: bool = True
     at_steps: Callable[[SamplingConfig, int, int], SamplingConfig] = lambda c, k, T: c.replace(num_steps=k)
     max_steps: Callable[[SamplingConfig, int], int] = lambda c, T: T
+    default_spacing: Spacing | None = None
 
 
-def _solver_max_steps(default_spacing: Spacing, convention: Convention) -> Callable[[SamplingConfig, int], int]:
-    """A solver's largest num_steps on T steps (:func:`~ddpm_lightning.spacings.max_num_steps`)."""
-    return lambda c, T: max_num_steps(T, c.spacing or default_spacing, convention)
-
-
-def _solver(fn: Callable[..., SampleOutput]) -> Callable[..., SampleOutput]:
-    """The runner of a solver: num_steps, clip_x0 and (when set) spacing from the config."""
+def _solver(fn: Callable[..., SampleOutput], convention: Convention, **options: Any) -> Sampler:
+    """A solver's entry: its runner takes num_steps, clip_x0, spacing (None: the solver's own default) and the sigma
+    range from the config; its largest num_steps is :func:`~ddpm_lightning.spacings.max_num_steps` of its spacing in
+    ``convention``; ``options`` are further :class:`Sampler` fields."""
 
     def run(f: DenoiseFn, d: GaussianDiffusion, shape: Sequence[int], c: SamplingConfig, **kw: Any) -> SampleOutput:
-        spacing = {"spacing": c.spacing} if c.spacing is not None else {}  # None: the solver's own default
-        return fn(f, d, shape, num_steps=c.num_steps, clip_x0=c.clip_x0, **spacing, **kw)
+        sigmas = {"sigma_max": c.sigma_max, "sigma_min": c.sigma_min}
+        return fn(f, d, shape, num_steps=c.num_steps, clip_x0=c.clip_x0, spacing=c.resolved_spacing, **sigmas, **kw)
 
-    return run
+    return Sampler(
+        run,
+        default_spacing=inspect.signature(fn).parameters["spacing"].default,
+        max_steps=lambda c, T: max_num_steps(T, c.resolved_spacing, convention),
+        **options,
+    )
 
 
 #: name -> sampler. The sampler names appear here and nowhere else in the package.
@@ -83,17 +97,14 @@ SAMPLERS: dict[str, Sampler] = {
         uses_spacing=False,
     ),
     # DPM-Solver++(2M), Lu et al. 2022; its SDE variant; UniPC-bh2, Zhao et al. 2023 (multistep, uniform by default)
-    "dpmpp_2m": Sampler(_solver(dpmpp_2m_sample), max_steps=_solver_max_steps("uniform", "multistep")),
-    "dpmpp_2m_sde": Sampler(_solver(dpmpp_2m_sde_sample), max_steps=_solver_max_steps("uniform", "multistep")),
-    "unipc": Sampler(_solver(unipc_sample), max_steps=_solver_max_steps("uniform", "multistep")),
+    "dpmpp_2m": _solver(dpmpp_2m_sample, "multistep"),
+    "dpmpp_2m_sde": _solver(dpmpp_2m_sde_sample, "multistep"),
+    "unipc": _solver(unipc_sample, "multistep"),
     # Karras et al. 2022, Algorithm 1: two evaluations per step but the last (an Euler step to sigma = 0)
-    "heun": Sampler(
-        _solver(heun_sample),
-        nfe=lambda c, T: 2 * c.num_steps - 1,
-        steps_for_nfe=lambda b, T: (b + 1) // 2,
-        max_steps=_solver_max_steps("karras", "karras"),
+    "heun": _solver(
+        heun_sample, "karras", nfe=lambda c, T: 2 * c.num_steps - 1, steps_for_nfe=lambda b, T: (b + 1) // 2
     ),
-    "euler": Sampler(_solver(euler_sample), max_steps=_solver_max_steps("karras", "karras")),  # Karras' Euler
+    "euler": _solver(euler_sample, "karras"),  # Karras et al. 2022's Euler (first order)
 }
 DEFAULT_SAMPLER = "ddim"
 
@@ -112,6 +123,10 @@ class SamplingConfig:
         clip_x0: clamp each predicted x_0 to the data range [-1, 1].
         spacing: where the solvers put their steps: "uniform", "trailing" or "karras" (Karras et al. 2022's sigma
             spacing); None: the solver's own default (karras for heun and euler, uniform for the others).
+        sigma_max, sigma_min: the noise range "karras" spacing walks, clamped to the schedule's own
+            [sigma_0, sigma_{T-1}]: by default EDM's 80 and 0.002 (Karras et al. 2022, Table 1), the start scaled to
+            sigma_max's level; None: the schedule's end (sigma_{T-1} ~ 2e4 for cosine at T = 1000, as diffusers).
+            Only "karras" spacing reads them; setting them for another is an error.
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -121,6 +136,8 @@ class SamplingConfig:
     variance: VarianceType = "fixed_small"
     clip_x0: bool = True
     spacing: Spacing | None = None
+    sigma_max: float | None = EDM_SIGMA_MAX
+    sigma_min: float | None = EDM_SIGMA_MIN
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -141,6 +158,23 @@ class SamplingConfig:
             if not SAMPLERS[self.sampler].uses_spacing:
                 users = [name for name, spec in SAMPLERS.items() if spec.uses_spacing]
                 raise ValueError(f"spacing applies to the solvers ({', '.join(users)}), not to {self.sampler}")
+        self._check_sigma_range()
+
+    def _check_sigma_range(self) -> None:
+        for name in ("sigma_max", "sigma_min"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{name} must be a number > 0 or None (the schedule's end), got {value!r}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None (the schedule's end), got {value!r}")
+        if self.sigma_max is not None and self.sigma_min is not None and not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+        defaults = (self.sigma_max, self.sigma_min) == (EDM_SIGMA_MAX, EDM_SIGMA_MIN)
+        if not defaults and self.resolved_spacing != "karras":
+            raise ValueError(
+                f"sigma_max and sigma_min apply to karras spacing (heun, euler, or spacing: karras), not to "
+                f"{self.sampler} with {self.resolved_spacing or 'its own'} spacing"
+            )
 
     @classmethod
     def of(cls, value: SamplingConfig | Mapping[str, Any] | None = None, **changes: Any) -> SamplingConfig:
@@ -162,6 +196,11 @@ class SamplingConfig:
     @property
     def spec(self) -> Sampler:
         return SAMPLERS[self.sampler]
+
+    @property
+    def resolved_spacing(self) -> Spacing | None:
+        """The spacing a run uses: the config's, else the solver's default (None for DDPM and DDIM)."""
+        return self.spacing if self.spacing is not None else self.spec.default_spacing
 
     def steps(self, num_timesteps: int) -> int:
         """Steps actually taken on a model with T = ``num_timesteps``."""
@@ -194,10 +233,16 @@ class SamplingConfig:
         return self.spec.nfe(self, num_timesteps) * (2 if self.guided(conditional) else 1)
 
     def tag(self, conditional: bool = True) -> str:
-        """Short name for file names and tables, e.g. ``ddim50-w3``."""
+        """Short name for file names and tables, e.g. ``ddim50-w3``, ``heun5-smaxend-w1`` (a sigma range other than
+        EDM's: ``end`` is None, the schedule's end)."""
         steps = "" if not self.spec.uses_steps else str(self.num_steps)
         eta = f"-eta{self.eta:g}" if self.eta else ""
-        return f"{self.sampler}{steps}{eta}" + (f"-w{self.guidance_scale:g}" if conditional else "")
+        sigmas = "".join(
+            f"-s{name}{'end' if value is None else f'{value:g}'}"
+            for name, value, default in (("max", self.sigma_max, EDM_SIGMA_MAX), ("min", self.sigma_min, EDM_SIGMA_MIN))
+            if value != default
+        )
+        return f"{self.sampler}{steps}{eta}{sigmas}" + (f"-w{self.guidance_scale:g}" if conditional else "")
 
 
 DEFAULT_SAMPLING = SamplingConfig()  # the neutral default of every `sampling` argument

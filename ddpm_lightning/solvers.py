@@ -4,9 +4,12 @@ samplers of Karras et al. 2022, free functions over a ``denoise_fn(x_t, t) -> mo
 Every solver walks noise levels sigma_0 > ... > sigma_{n-1} > sigma_n = 0 of
 :func:`~ddpm_lightning.spacings.solver_schedule`, in the variance-exploding view x_t / sqrt(abar_t) = x_0 + sigma eps
 (sigma = sqrt((1 - abar) / abar); see the continuous-time block of GaussianDiffusion). x_T ~ N(0, I) sits at
-sigma_0 = sigma_{T-1}, and the last step lands on sigma = 0, clean data. The results are pinned against diffusers'
-schedulers with the same options (``tests/test_solvers.py``), including where diffusers' choices are quirks (see
-:func:`~ddpm_lightning.spacings.solver_schedule`).
+sigma_0 = sigma_{T-1}, and the last step lands on sigma = 0, clean data; "karras" spacing starts lower, at EDM's
+sigma_max = 80 (clamped to the schedule's range; x_T scaled to that level), unless sigma_max=None. The results are
+pinned against diffusers' schedulers with the same options over the schedule's whole range
+(``tests/test_solvers_diffusers.py``), including where diffusers' choices are quirks (see
+:func:`~ddpm_lightning.spacings.solver_schedule`), and against k-diffusion over EDM's range
+(``tests/test_solvers_kdiffusion.py``).
 
 The timestep t given to denoise_fn is a (B,) long tensor for the multistep solvers (DPM-Solver++, UniPC) and for
 "trailing" spacing; Euler and Heun with "uniform" or "karras" spacing call the network between the discrete
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning.diffusion import GaussianDiffusion
 from ddpm_lightning.samplers import DenoiseFn, Generators, SampleOutput, initial_noise, randn
-from ddpm_lightning.spacings import SolverSchedule, Spacing, solver_schedule
+from ddpm_lightning.spacings import EDM_SIGMA_MAX, EDM_SIGMA_MIN, SolverSchedule, Spacing, solver_schedule
 
 
 # -- shared step machinery -------------------------------------------------------------------------------------------
@@ -51,11 +54,14 @@ def _run(
     progress: bool,
     name: str,
 ) -> SampleOutput:
-    """Draw x_T, apply ``step_fn(x_i, i) -> x_{i+1}`` (VP states) for i = 0..n-1 under inference mode."""
+    """Draw x_T (times the schedule's ``start_scale``), apply ``step_fn(x_i, i) -> x_{i+1}`` (VP states) for
+    i = 0..n-1 under inference mode."""
     if device is None:
         device = x_T.device if x_T is not None else diffusion.betas.device
     with torch.inference_mode():
         x = initial_noise(shape, x_T, generator, device)
+        if schedule.start_scale != 1.0:
+            x = x * schedule.start_scale
         trajectory = [x] if return_trajectory else None
         for i in tqdm(range(len(schedule)), desc=name, disable=not progress):
             x = step_fn(x, i)
@@ -78,6 +84,8 @@ def dpmpp_2m_sample(
     x_T: Tensor | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    sigma_max: float | None = EDM_SIGMA_MAX,
+    sigma_min: float | None = EDM_SIGMA_MIN,
     sde: bool = False,
 ) -> SampleOutput:
     """DPM-Solver++(2M) (Lu et al. 2022b, arXiv 2211.01095, Algorithm 2): the deterministic probability-flow ODE,
@@ -96,9 +104,13 @@ def dpmpp_2m_sample(
         generator: source of x_T, one for the batch or one per sample; on ``device``.
         device: where to sample; default x_T's device, else the diffusion buffers' device.
         clip_x0: clamp each predicted x0 to [-1, 1] before the solver uses it.
-        x_T: starting noise (B, C, H, W); drawn from N(0, I) with ``generator`` if None.
+        x_T: starting noise (B, C, H, W); drawn from N(0, I) with ``generator`` if None. A "karras" run cut at
+            sigma_max starts from x_T sigma_max / sqrt(1 + sigma_max^2), EDM's prior in the VP state.
         return_trajectory: also return every state.
         progress: show a tqdm bar.
+        sigma_max, sigma_min: the noise range of "karras" spacing, clamped to the schedule's (None: the schedule's
+            end); default EDM's 80 and 0.002 (:func:`~ddpm_lightning.spacings.solver_schedule`). Other spacings
+            ignore them.
 
     Returns:
         samples (B, C, H, W), or (samples, trajectory), trajectory (num_steps + 1, B, C, H, W): the VP states x_t
@@ -106,7 +118,7 @@ def dpmpp_2m_sample(
 
     ``sde=True`` is :data:`dpmpp_2m_sde_sample`.
     """
-    schedule = solver_schedule(diffusion, num_steps, spacing, "multistep")
+    schedule = solver_schedule(diffusion, num_steps, spacing, "multistep", sigma_max, sigma_min)
     history: dict[str, float | Tensor] = {}  # the previous step's x0 and h
 
     def step(x: Tensor, i: int) -> Tensor:
@@ -174,6 +186,8 @@ def unipc_sample(
     x_T: Tensor | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    sigma_max: float | None = EDM_SIGMA_MAX,
+    sigma_min: float | None = EDM_SIGMA_MIN,
 ) -> SampleOutput:
     """UniPC (Zhao et al. 2023, arXiv 2302.04867): the UniP-2 predictor and UniC corrector with B(h) = e^h - 1
     ("bh2"), data prediction, as diffusers' UniPCMultistepScheduler defaults (solver_order=2, predict_x0=True,
@@ -185,7 +199,7 @@ def unipc_sample(
     nothing there); the corrector uses the order of the predictor it corrects.
     Args and returns as :func:`dpmpp_2m_sample`; the trajectory holds the corrected states.
     """
-    schedule = solver_schedule(diffusion, num_steps, spacing, "multistep")
+    schedule = solver_schedule(diffusion, num_steps, spacing, "multistep", sigma_max, sigma_min)
     n = len(schedule)
     state: dict[str, Tensor] = {}  # "x0": x0 at the current level, "x0_prev": the one before
 
@@ -240,11 +254,16 @@ def heun_sample(
     x_T: Tensor | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    sigma_max: float | None = EDM_SIGMA_MAX,
+    sigma_min: float | None = EDM_SIGMA_MIN,
     heun: bool = True,
 ) -> SampleOutput:
     """Heun's 2nd-order sampler of Karras et al. 2022 (EDM, Algorithm 1, deterministic: S_churn = 0) on the discrete
-    model's noise levels, as diffusers' HeunDiscreteScheduler; 2 num_steps - 1 network evaluations (the last step,
-    to sigma = 0, is Euler). The default 18 steps (35 evaluations) is EDM's CIFAR-10 setting.
+    model's noise levels; 2 num_steps - 1 network evaluations (the last step,
+    to sigma = 0, is Euler). The default 18 steps (35 evaluations) is EDM's CIFAR-10 setting, and so is the default
+    noise range, sigma from 80 down to 0.002 (clamped to the schedule's), pinned against k-diffusion's sample_heun
+    over get_sigmas_karras (``tests/test_solvers_kdiffusion.py``); sigma_max=None, sigma_min=None run the schedule's
+    whole range, as diffusers' HeunDiscreteScheduler (``tests/test_solvers_diffusers.py``).
 
     denoise_fn gets a float (B,) t for "uniform" and "karras" spacing (between the discrete timesteps), long for
     "trailing". Args and returns as :func:`dpmpp_2m_sample`, with num_steps in [1, T].
@@ -259,7 +278,7 @@ def heun_sample(
     (sigma - sigma') / (2 sigma') (x0' - x0) to x_ve'. The slope form would subtract numbers ~sigma_0 |x_T| (2e4 for
     the cosine schedule at T=1000) and, in float32, lose 1e-2 of the state on a first step down to sigma ~ 5.
     """
-    schedule = solver_schedule(diffusion, num_steps, spacing, "karras")
+    schedule = solver_schedule(diffusion, num_steps, spacing, "karras", sigma_max, sigma_min)
 
     def step(x: Tensor, i: int) -> Tensor:
         sigma, sigma_next = schedule.sigma(i), schedule.sigma(i + 1)

@@ -26,6 +26,10 @@ SPACINGS: tuple[str, ...] = get_args(Spacing)
 #: uniform grid replaced by sigma=0) and "karras" (Euler/Heun schedulers, after k-diffusion: fractional timesteps)
 Convention = Literal["multistep", "karras"]
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and Table 1
+#: EDM's noise range of "karras" spacing (Karras et al. 2022, Table 1: sigma_max = 80, sigma_min = 0.002), clamped to a
+#: schedule's own [sigma_0, sigma_{T-1}]; None stands for the schedule's end (diffusers' use_karras_sigmas)
+EDM_SIGMA_MAX = 80.0
+EDM_SIGMA_MIN = 0.002
 
 
 def choice_error(what: str, value: object, allowed: tuple) -> ValueError:
@@ -41,11 +45,15 @@ class SolverSchedule:
         t: (n,) float64 timesteps in [0, T-1] at which denoise_fn is called; t[i] goes with sigmas[i].
         sigmas: (n + 1,) float64 noise levels, strictly decreasing, sigmas[0] = sigma_{T-1}, sigmas[n] = 0.
         integer_t: t is integer-valued and passed to denoise_fn as long (else as float).
+        start_scale: the factor of the N(0, I) starting noise: 1 (the DDPM prior x_T ~ N(0, I) at sigma_{T-1}), or,
+            for a range cut at sigma_max, the VP sigma_vp = sigma_max / sqrt(1 + sigma_max^2) of EDM's prior
+            x_ve ~ N(0, sigma_max^2 I) (Karras et al. 2022, Algorithm 1, line 2; k-diffusion's x = randn * sigma_max).
     """
 
     t: Tensor
     sigmas: Tensor
     integer_t: bool
+    start_scale: float = 1.0
 
     def __len__(self) -> int:
         return self.t.shape[0]
@@ -98,8 +106,32 @@ def _trailing_timesteps(num_timesteps: int, num_steps: int) -> Tensor:
     return (num_timesteps + torch.arange(num_steps, dtype=torch.float64) * delta).round() - 1
 
 
+def sigma_range(diffusion: GaussianDiffusion, sigma_max: float | None, sigma_min: float | None) -> tuple[float, float]:
+    """(sigma_max, sigma_min) of a "karras" run: the given ends clamped to the schedule's [sigma_0, sigma_{T-1}], None
+    being the schedule's own end.
+
+    Raises:
+        ValueError: the clamped range is empty (both ends fall on the same side of the schedule's range).
+    """
+    table = diffusion.ve_sigmas().cpu()  # (T,)
+    low, high = float(table[0]), float(table[-1])
+    top = high if sigma_max is None else min(max(sigma_max, low), high)
+    bottom = low if sigma_min is None else min(max(sigma_min, low), high)
+    if not bottom < top:
+        raise ValueError(
+            f"sigma_min={sigma_min} and sigma_max={sigma_max}, clamped to the schedule's noise levels "
+            f"[{low:.4g}, {high:.4g}], leave no range to sample"
+        )
+    return top, bottom
+
+
 def solver_schedule(
-    diffusion: GaussianDiffusion, num_steps: int, spacing: Spacing, convention: Convention = "multistep"
+    diffusion: GaussianDiffusion,
+    num_steps: int,
+    spacing: Spacing,
+    convention: Convention = "multistep",
+    sigma_max: float | None = None,
+    sigma_min: float | None = None,
 ) -> SolverSchedule:
     """Timesteps and noise levels of an n-step solver run, as diffusers' schedulers lay them out.
 
@@ -108,9 +140,11 @@ def solver_schedule(
       the discrete levels (diffusers: linear in sigma, not in log sigma); n = 1 is the single step t = T-1
       (diffusers would start at t=0).
     * "trailing": t = round(T - i T/n) - 1, integers, both conventions.
-    * "karras": :func:`karras_sigmas` from sigma_{T-1} down to sigma_0, t from
+    * "karras": :func:`karras_sigmas` from sigma_max down to sigma_min (:func:`sigma_range`: None is the schedule's
+      end, sigma_{T-1} and sigma_0, as diffusers; EDM's 80 and 0.002 as k-diffusion's get_sigmas_karras), t from
       :meth:`GaussianDiffusion.t_from_ve_sigma`; multistep (diffusers): the network sees round(t) while the step
-      uses the Karras sigma itself. n = 1 is the single level sigma_{T-1} (diffusers' Euler/Heun would use sigma_0).
+      uses the Karras sigma itself. n = 1 is the single level sigma_max (diffusers' Euler/Heun would use sigma_0).
+      A sigma_max given (not None) starts from EDM's prior (``start_scale``).
     * "trailing" with the n + 1 timesteps diffusers' np.arange sometimes gives (the last one -1): we keep n.
 
     Raises:
@@ -125,9 +159,13 @@ def solver_schedule(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= high:
         raise ValueError(f"num_steps must be an integer in [1, {high}] for spacing {spacing!r}, got {num_steps!r}")
     table = diffusion.ve_sigmas().cpu()  # (T,)
+    start_scale = 1.0
     if spacing == "karras":
-        sigmas = karras_sigmas(float(table[0]), float(table[-1]), num_steps)
+        top, bottom = sigma_range(diffusion, sigma_max, sigma_min)
+        sigmas = karras_sigmas(bottom, top, num_steps)
         t = diffusion.t_from_ve_sigma(sigmas).cpu()
+        if sigma_max is not None:
+            start_scale = float(GaussianDiffusion.alpha_sigma_from_ve_sigma(top)[1])
         if convention == "multistep":
             t = t.round()
     else:
@@ -142,4 +180,5 @@ def solver_schedule(
         sigmas = (1 - w) * table[low] + w * table[low + 1]
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     assert (sigmas[1:] < sigmas[:-1]).all(), sigmas  # internal invariant (distinct levels, see max_num_steps)
-    return SolverSchedule(t=t, sigmas=sigmas, integer_t=convention == "multistep" or spacing == "trailing")
+    integer_t = convention == "multistep" or spacing == "trailing"
+    return SolverSchedule(t=t, sigmas=sigmas, integer_t=integer_t, start_scale=start_scale)

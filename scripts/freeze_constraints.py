@@ -21,6 +21,9 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "ddpm-lightning"
+#: installed beside the project with `pip install --no-deps NAME -c constraints/ci.txt` (see the Makefile's install
+#: target): pinned here when the environment has them, their own requirements not followed
+NO_DEPS = ("k-diffusion",)
 HEADER = """\
 # Exact versions of everything `pip install -e ".[dev,bench]"` installs, as CI resolved it. CI and `make install`
 # install with `-c constraints/ci.txt`, so a run today and a run next month get the same packages; the ranges in
@@ -66,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=REPO / "constraints" / "ci.txt")
     p.add_argument("--check", action="store_true", help="compare instead of writing")
     args = p.parse_args(argv)
-    text = render(closure(PROJECT))
+    pins = closure(PROJECT)
+    for name in NO_DEPS:
+        try:
+            pins[canonicalize_name(name)] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            print(f"note: {name} is not installed here, so not pinned", file=sys.stderr)
+    text = render(pins)
     if args.check:
         same = args.output.exists() and args.output.read_text() == text
         print(f"{args.output}: {'up to date' if same else 'differs from this environment'}")

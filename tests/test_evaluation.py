@@ -57,6 +57,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     res = first["results"]
     assert {"fid_classifier", "kid_classifier", "is_classifier", "cond_acc", "sample_seconds_per_1k"} <= set(res)
     assert res["fid_classifier"] > 0 and 0 <= res["cond_acc"] <= 1
+    assert 0 <= res["precision_classifier"] <= 1 and 0 <= res["recall_classifier"] <= 1  # k = 3, the FID features
     s = first["settings"]
     assert (s["num_samples"], s["sampler"], s["num_steps"], s["seed"], s["reference_split"]) == (
         40,
@@ -75,12 +76,18 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     assert second["fid_classifier"] == res["fid_classifier"]  # same seed, same samples, same number
     assert second["cond_acc"] == res["cond_acc"]
 
-    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1", "--metrics.background=true"]))
+    caplog.clear()
+    nll = ["--metrics.nll=true", "--metrics.nll_num_images=3"]  # the variational bound of 3 test digits
+    main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1", "--metrics.background=true", *nll]))
     other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed1.json")).read_text())
     assert other["results"]["fid_classifier"] != res["fid_classifier"]
     # a few steps of training leave grey where real digits are black (real test digits: ~0.0001)
     assert 0.01 < other["results"]["background_noise"] <= 1 and other["settings"]["background"] is True
     assert "background_noise" not in res
+    assert other["results"]["nll_num_images"] == 3 and other["settings"]["nll_variance"] == "fixed_large"
+    bpd, stderr = other["results"]["nll_bpd"], other["results"]["nll_bpd_stderr"]
+    assert 0.5 < bpd < 1e4 and 0 < stderr < bpd and "nll_bpd" not in res  # 3 training steps: far above MNIST's ~1
+    assert f"test NLL: {bpd:.4f} ± {stderr:.4f} bits/dim" in caplog.text
 
 
 @pytest.mark.slow
@@ -92,7 +99,7 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
         extra = ["--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
         extra += ["--trainer.strategy=ddp"] if devices == 2 else []
         cmd = [sys.executable, "-m", "ddpm_lightning.cli", *_test_args(shared_data, tiny_checkpoint, cache, extra)]
-        cmd += ["--metrics.seed=7"]
+        cmd += ["--metrics.seed=7", "--metrics.nll=true", "--metrics.nll_num_images=3"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed7.json"))
@@ -102,6 +109,9 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
     one, two = results[1]["results"], results[2]["results"]
     assert two["fid_classifier"] == pytest.approx(one["fid_classifier"], rel=1e-4)
     assert two["cond_acc"] == one["cond_acc"]
+    for key in ("precision_classifier", "recall_classifier"):  # the gathered features, in index order
+        assert two[key] == one[key]
+    assert two["nll_bpd"] == pytest.approx(one["nll_bpd"], rel=1e-6)  # image i scored with its own noise on any rank
 
 
 def test_fid_real_vs_real_is_small_and_real_vs_noise_large(shared_data, tmp_path):
@@ -232,9 +242,12 @@ def test_sweep_command_table_json_and_plot(tiny_checkpoint, shared_data, tmp_pat
         ("ddpm", 100),
     ]
     assert all(r["fid_classifier"] > 0 for r in rows) and (out / "sweep.png").stat().st_size > 10_000
+    floor = json.loads((out / "sweep.json").read_text())["floor"]
+    assert all(0 <= r["precision_classifier"] <= 1 and 0 <= r["recall_classifier"] <= 1 for r in [*rows, floor])
     # more steps cost more time per sample
     assert rows[2]["sample_seconds_per_1k"] > rows[0]["sample_seconds_per_1k"]
-    assert "ddpm   100 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ddpm   100 steps" in printed and "precision_classifier=" in printed and "recall_classifier=" in printed
 
 
 @pytest.mark.slow

@@ -75,3 +75,5 @@ def test_ci_and_make_install_use_the_constraints():
     makefile = (REPO / "Makefile").read_text()
     install = makefile.split("\ninstall:")[1].split("\n\n")[0]
     assert "-c constraints/ci.txt" in install
+    no_deps = "pip install --quiet --no-deps k-diffusion -c constraints/ci.txt"
+    assert no_deps in (REPO / ".ci" / "run").read_text() and no_deps.replace("--quiet ", "") in install

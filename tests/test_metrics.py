@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 
 from ddpm_lightning.metrics import evaluate as ev
-from ddpm_lightning.metrics.stats import FeatureStats, fid, frechet_distance, inception_score, kid
+from ddpm_lightning.metrics.stats import FeatureStats, fid, frechet_distance, inception_score, kid, precision_recall
 
 
 def test_frechet_distance_closed_form_diagonal():
@@ -157,3 +157,36 @@ def test_missing_inception_weights_is_a_clear_error(tmp_path, monkeypatch):
     assert "\n" not in msg and extractors.INCEPTION_FILE in msg and "inception_weights=PATH" in msg
     with pytest.raises(extractors.InceptionWeightsError, match="does not exist"):
         extractors.InceptionExtractor(tmp_path / "nope.pth")
+
+
+def test_precision_recall_by_hand_on_a_line():
+    """k = 3 balls on 1-D points, by hand: the radius of a point is the distance to its 3rd nearest neighbour."""
+    real = torch.arange(10.0)[:, None]
+    assert precision_recall(real, real) == (1.0, 1.0)
+    far = real + 100
+    assert precision_recall(far, real) == (0.0, 0.0)
+    # generated on 0..4 only: every sample is real-like (precision 1); its balls (radius 3 at 0 and 4, 2 inside)
+    # reach up to 4 + 3 = 7: real 0..7 covered, 8 and 9 not (recall 0.8)
+    assert precision_recall(real[:5], real) == pytest.approx((1.0, 0.8))
+    with pytest.raises(ValueError, match="need more than 3 samples"):
+        precision_recall(real[:3], real)
+
+
+def test_precision_recall_of_real_digits_and_of_one_class(shared_data):
+    """On the classifier's features (those of FID): real test digits against other real digits score near 1 / 1;
+    one class only (a mode-dropped "model") keeps precision and loses recall (about a tenth of the classes)."""
+    from ddpm_lightning.data import MNISTDataModule
+    from ddpm_lightning.metrics.extractors import build_extractor
+
+    dm = MNISTDataModule(root=str(shared_data), download=False)
+    ex = build_extractor("classifier", "mnist", None).eval()
+    reference, _ = dm.real_images("test", 500, seed=0)
+    train, labels = dm.real_images("train", 5000, seed=1)
+    with torch.no_grad():
+        ref, _ = ev.extract(ex, reference)
+        other, _ = ev.extract(ex, train[:500])
+        threes, _ = ev.extract(ex, train[labels == 3][:400])
+    precision, recall = precision_recall(other, ref)
+    assert precision > 0.85 and recall > 0.85, (precision, recall)
+    precision, recall = precision_recall(threes, ref)
+    assert precision > 0.85 and recall < 0.3, (precision, recall)

@@ -28,6 +28,12 @@ from ddpm_lightning.schedules import make_betas
         ({"num_steps": 2.5}, "num_steps must be an integer >= 1"),
         ({"eta": -0.1}, "eta must be >= 0"),
         ({"steps": 10}, "unknown sampling setting 'steps'; choose from: sampler, num_steps"),
+        ({"sampler": "heun", "sigma_max": 0.0}, "sigma_max must be a finite number > 0 or None"),
+        ({"sampler": "heun", "sigma_min": float("nan")}, "sigma_min must be a finite number > 0 or None"),
+        ({"sampler": "heun", "sigma_max": "80"}, "sigma_max must be a number > 0 or None"),
+        ({"sampler": "euler", "sigma_max": 1.0, "sigma_min": 2.0}, "sigma_min must be < sigma_max, got 2.0 and 1.0"),
+        ({"sampler": "ddim", "sigma_max": None}, "sigma_max and sigma_min apply to karras spacing"),
+        ({"sampler": "unipc", "sigma_max": 10.0}, "not to unipc with uniform spacing"),
     ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_allowed_values(settings, needle):
@@ -141,6 +147,23 @@ def test_config_is_a_recipe_or_the_commands_own_options_applied_in_order(tmp_pat
         info.value.code == 2
         and err == "ddpm: error: ddpm export reads no training recipe; --config takes a file of its own options\n"
     )
+
+
+def test_sigma_range_flags_tell_null_from_unset():
+    """``--sigma_max null`` is the schedule's end; an unset flag keeps the base config's value."""
+    from ddpm_lightning.commands.base import add_sampling_arguments, new_parser, sampling_from
+
+    parser = new_parser("ddpm x", "")
+    add_sampling_arguments(parser)
+    base = SamplingConfig(sampler="heun", sigma_max=20.0)
+    assert sampling_from(parser.parse_args([]), base) == base
+    assert sampling_from(parser.parse_args(["--sigma_max", "null"]), base).sigma_max is None
+    changed = sampling_from(parser.parse_args(["--sigma_max", "5", "--sigma_min", "0.1"]), base)
+    assert (changed.sigma_max, changed.sigma_min) == (5.0, 0.1)
+    assert SamplingConfig.of({"sampler": "unipc", "spacing": "karras", "sigma_min": None}).sigma_min is None
+    assert SamplingConfig(sampler="heun", num_steps=5).tag() == "heun5-w1"  # file names tell the ranges apart
+    full = SamplingConfig(sampler="heun", num_steps=5, sigma_max=None, sigma_min=0.01)
+    assert full.tag() == "heun5-smaxend-smin0.01-w1"
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from ddpm_lightning.solvers import (
     heun_sample,
     unipc_sample,
 )
-from ddpm_lightning.spacings import SPACINGS, solver_schedule
+from ddpm_lightning.spacings import EDM_SIGMA_MAX, EDM_SIGMA_MIN, SPACINGS, sigma_range, solver_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -63,9 +63,10 @@ def test_oracle_recovers_the_data_point_along_the_exact_path(solver: str, predic
         return
     x_star, x_T = x_star.double(), x_T.double()
     _, trajectory = solve(_point_oracle(d, x_star), d, SHAPE, x_T=x_T, return_trajectory=True, **kw)
-    sigmas = solver_schedule(d, 8, spacing, convention).sigmas
-    alpha, sigma = d.alpha_sigma_from_ve_sigma(sigmas.reshape(-1, 1, 1, 1, 1))
-    eps_T = (x_T - alpha[0] * x_star) / sigma[0]
+    schedule = solver_schedule(d, 8, spacing, convention, EDM_SIGMA_MAX, EDM_SIGMA_MIN)  # the sampler's defaults
+    alpha, sigma = d.alpha_sigma_from_ve_sigma(schedule.sigmas.reshape(-1, 1, 1, 1, 1))
+    torch.testing.assert_close(trajectory[0], x_T * schedule.start_scale, atol=0, rtol=0)
+    eps_T = (trajectory[0] - alpha[0] * x_star) / sigma[0]
     torch.testing.assert_close(trajectory, alpha * x_star + sigma * eps_T, atol=1e-8, rtol=0)
 
 
@@ -258,3 +259,21 @@ def test_invalid_choices() -> None:
             fn(denoise, d, SHAPE, num_steps=bad, spacing="uniform")
     with pytest.raises(ValueError, match="x_T has shape"):
         euler_sample(denoise, d, SHAPE, num_steps=3, x_T=torch.zeros(1, 1, 8, 8))
+
+
+def test_edm_sigma_range_is_clamped_to_the_schedule() -> None:
+    """karras spacing walks EDM's sigma in [0.002, 80] cut to the schedule's [sigma_0, sigma_{T-1}]; None (or a range
+    wider than the schedule's) is the schedule's own end; a sigma_max given scales x_T to its level."""
+    d = make_diffusion("eps", "linear", 1000)  # sigma_0 = 0.0100, sigma_{T-1} = 157
+    table = d.ve_sigmas()
+    edm = solver_schedule(d, 10, "karras", "karras", EDM_SIGMA_MAX, EDM_SIGMA_MIN)
+    assert edm.sigmas[0] == pytest.approx(80.0) and edm.sigmas[-2] == pytest.approx(float(table[0]))
+    assert edm.start_scale == pytest.approx(80.0 / math.sqrt(1 + 80.0**2), rel=1e-12)
+    assert 0 < edm.t[0] < 999  # the network first sees a level between the discrete ones
+    whole = solver_schedule(d, 10, "karras", "karras", None, None)
+    assert whole.sigmas[0] == pytest.approx(float(table[-1])) and whole.start_scale == 1.0
+    assert sigma_range(d, 1e6, 1e-6) == pytest.approx((float(table[-1]), float(table[0])))
+    assert sigma_range(d, 10.0, 0.5) == (10.0, 0.5)
+    with pytest.raises(ValueError, match=r"leave no range to sample"):
+        sigma_range(d, 1e-4, 1e-5)
+    assert solver_schedule(d, 10, "uniform", "karras", 10.0, 0.5).sigmas[0] == pytest.approx(float(table[-1]))

@@ -1,4 +1,7 @@
-"""Solvers pinned against diffusers' schedulers given our betas: whole trajectories, clipping, odd sizes."""
+"""Solvers pinned against diffusers' schedulers given our betas: whole trajectories, clipping, odd sizes.
+
+diffusers' "karras" spacing (use_karras_sigmas) walks the schedule's whole noise range: ours with sigma_max=None and
+sigma_min=None (EDM's narrower default range is pinned against k-diffusion in tests/test_solvers_kdiffusion.py)."""
 
 from __future__ import annotations
 
@@ -108,6 +111,11 @@ REFERENCES = {
 TOLERANCE = 1e-4
 
 
+def full_range(spacing: str) -> dict:
+    """The sampling options of the schedule's whole noise range, diffusers' karras spacing (other spacings have it)."""
+    return {"sigma_max": None, "sigma_min": None} if spacing == "karras" else {}
+
+
 @pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize(("schedule", "num_timesteps"), SCHEDULES)
@@ -126,7 +134,7 @@ def test_trajectory_matches_diffusers(
         expected = _diffusers_trajectory(scheduler, net, x_T)
     out, trajectory = solve(
         net, d, SHAPE, solver=solver, num_steps=num_steps, spacing=spacing, x_T=x_T, clip_x0=False,
-        return_trajectory=True,
+        return_trajectory=True, **full_range(spacing),
     )  # fmt: skip
     assert trajectory.shape == (num_steps + 1, *SHAPE) and torch.equal(out, trajectory[-1])
     assert (trajectory - expected).abs().max().item() <= TOLERANCE
@@ -152,7 +160,7 @@ def test_sde_trajectory_matches_diffusers_with_the_same_noise(
         expected = _diffusers_trajectory(scheduler, net, x_T, noises)
     _, trajectory = dpmpp_2m_sde_sample(
         net, d, SHAPE, num_steps=num_steps, spacing=spacing, x_T=x_T, generator=seeded(7), clip_x0=False,
-        return_trajectory=True,
+        return_trajectory=True, **full_range(spacing),
     )  # fmt: skip
     assert (trajectory - expected).abs().max().item() <= TOLERANCE
 
@@ -175,7 +183,7 @@ def test_clip_x0_matches_diffusers_clipping(solver: str, cls_name: str, options:
     x_T = _x_T(d, scale=2.0)  # wide, so that x0 leaves [-1, 1]
     with torch.no_grad():
         expected = _diffusers_trajectory(scheduler, net, x_T)
-    kw = {"num_steps": 10, "spacing": "karras", "x_T": x_T, "return_trajectory": True}
+    kw = {"num_steps": 10, "spacing": "karras", "x_T": x_T, "return_trajectory": True, **full_range("karras")}
     _, clipped = solve(net, d, SHAPE, solver=solver, clip_x0=True, **kw)
     _, unclipped = solve(net, d, SHAPE, solver=solver, clip_x0=False, **kw)
     assert (clipped - expected).abs().max().item() <= TOLERANCE

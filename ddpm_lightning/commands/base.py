@@ -11,6 +11,7 @@ where it stands on the command line: options given after ``--config`` override i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -28,6 +29,13 @@ from ddpm_lightning.sampling import SamplingConfig
 
 RECIPE_SECTIONS = ("model", "data", "trainer")
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+#: fields whose None is a value (sigma_max: null = the schedule's end), not "unset": their flags are left out of the
+#: parsed options unless given
+NULLABLE_SAMPLING_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(SamplingConfig)
+    if f.default is not None and type(None) in typing.get_args(typing.get_type_hints(SamplingConfig)[f.name])
+)
 
 
 class RecipeOrOptions(ActionConfigFile):
@@ -56,16 +64,19 @@ def new_parser(prog: str, description: str, from_recipe: Callable | None = None)
 
 
 def add_sampling_arguments(parser: ArgumentParser, what: str = "the checkpoint's own (model.sampling)") -> None:
-    """One flag per :class:`SamplingConfig` field (``--sampler``, ``--num_steps``, ...); unset means {what}."""
+    """One flag per :class:`SamplingConfig` field (``--sampler``, ``--num_steps``, ...); unset means {what}.
+    ``--sigma_max null`` is the schedule's end."""
     hints = typing.get_type_hints(SamplingConfig)
     for f in dataclasses.fields(SamplingConfig):
-        parser.add_argument(f"--{f.name}", type=hints[f.name] | None, default=None, help=f"sampling: {f.name}")
+        default = argparse.SUPPRESS if f.name in NULLABLE_SAMPLING_FIELDS else None
+        parser.add_argument(f"--{f.name}", type=hints[f.name] | None, default=default, help=f"sampling: {f.name}")
     parser.description = (parser.description or "") + f" Sampling flags left unset: {what}."
 
 
 def sampling_from(cfg: Namespace, base: SamplingConfig | None) -> SamplingConfig:
     """``base`` with the sampling flags that were set."""
-    return SamplingConfig.of(base, **{k: cfg[k] for k in SAMPLING_FIELDS if cfg.get(k) is not None})
+    given = {k: cfg[k] for k in SAMPLING_FIELDS if k in cfg and (cfg[k] is not None or k in NULLABLE_SAMPLING_FIELDS)}
+    return SamplingConfig.of(base, **given)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any] | None:

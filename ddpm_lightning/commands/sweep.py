@@ -118,7 +118,8 @@ def run(cfg: Namespace) -> list[dict]:
 
 
 def format_row(row: dict) -> str:
-    keys = [k for k in row if k.startswith(("fid_", "kid_", "cond_acc")) and not k.endswith("_std")]
+    prefixes = ("fid_", "kid_", "precision_", "recall_", "cond_acc")
+    keys = [k for k in row if k.startswith(prefixes) and not k.endswith("_std")]
     metrics = "  ".join(f"{k}={row[k]:.4g}" for k in keys)
     seconds = row["sample_seconds_per_1k"] / 1000
     return f"{row['sampler']:>12} {row['steps']:>5} steps {row['nfe']:>5} NFE  {metrics}  {seconds:.4f} s/sample"

@@ -24,7 +24,7 @@ from ddpm_lightning.data.base import SPLITS, ImageDataModule
 from ddpm_lightning.metrics.background import background_mask, background_noise
 from ddpm_lightning.metrics.evaluate import extract, generate, reference_stats
 from ddpm_lightning.metrics.extractors import build_extractor
-from ddpm_lightning.metrics.stats import FeatureStats, fid, inception_score, kid
+from ddpm_lightning.metrics.stats import FeatureStats, fid, inception_score, kid, precision_recall
 from ddpm_lightning.sampling import SamplingConfig, choice_error
 
 EXTRACTORS = ("classifier", "inception")
@@ -52,7 +52,8 @@ def in_index_order(local: Tensor, n: int, world: int, gather: Callable[[Tensor],
 
 @dataclass
 class Evaluator:
-    """FID / KID / IS (and conditional accuracy with the classifier) of N samples against real data.
+    """FID / KID / IS, precision / recall (k = 3, on the FID features) and, with the classifier, conditional accuracy
+    of N samples against real data.
 
     Args:
         num_samples: N generated images (FID is biased upwards for small N: compare numbers at equal N).
@@ -141,7 +142,13 @@ class Evaluator:
         real, _ = datamodule.real_images("train", self.num_samples, seed=seed)
         feats, _ = extract(ex, real)
         k, _ = kid(feats, ref.features, subset_size=kid_subset_size(min(feats.shape[0], ref.num)))
-        return {f"fid_{kind}": fid(FeatureStats.from_features(feats), ref), f"kid_{kind}": k}
+        precision, recall = precision_recall(feats, ref.features)
+        return {
+            f"fid_{kind}": fid(FeatureStats.from_features(feats), ref),
+            f"kid_{kind}": k,
+            f"precision_{kind}": precision,
+            f"recall_{kind}": recall,
+        }
 
     @staticmethod
     def _gathered_mean(value: float, count: int, gather: Callable[[Tensor], Tensor] | None) -> float:
@@ -189,6 +196,7 @@ class Evaluator:
             results[f"kid_{kind}"], results[f"kid_{kind}_std"] = kid(
                 feats, ref.features, subset_size=kid_subset_size(min(n, ref.num))
             )
+            results[f"precision_{kind}"], results[f"recall_{kind}"] = precision_recall(feats, ref.features)
             if logits is not None and n >= 10:
                 results[f"is_{kind}"], results[f"is_{kind}_std"] = inception_score(logits)
             if kind == "classifier" and labels is not None and logits is not None:
