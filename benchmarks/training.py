@@ -167,7 +167,7 @@ def render(cases, sample_ips, curves, peak, machine, args, argv) -> str:
         "",
         f"Written by `python -m benchmarks.training {' '.join(argv if argv is not None else sys.argv[1:])}` on "
         f"{machine['date']}: {machine['hardware']}; {machine['software']}. Load average before/after: "
-        f"{machine['load_before']} / {machine['load_after']}; other busy processes before: "
+        f"{_load(machine['load_before'])} / {_load(machine['load_after'])}; other busy processes before: "
         f"{', '.join(machine['busy_before']) or 'none'}.",
         "",
         f"**CPU:** {peak['isa']} ({' '.join(peak['flags'])}); bf16 compute: {peak['bf16_isa']}. **FMA peak** = "
@@ -197,7 +197,13 @@ def render(cases, sample_ips, curves, peak, machine, args, argv) -> str:
     ]
     if curves:
         lines += _loss_lines(curves, args.loss_window)
+    else:
+        lines += ["", "Loss curves: not run (`--loss_steps 0`)."]
     return "\n".join(lines) + "\n"
+
+
+def _load(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
 
 
 def _loss_lines(curves: dict[str, list[float]], window: int) -> list[str]:
