@@ -27,7 +27,7 @@ def evaluate_run(spec: dict[str, Any], study: dict[str, Any], runs_dir: Path, da
                 continue
             if datamodule is None:
                 datamodule = datamodule_from_recipe(ROOT / spec["train"]["base"][-1], data_root)
-            model = load_weights(path, ev["weights"])
+            model = load_weights(path, ev["weights"], ev.get("sigma_rel"), step)
             res = evaluator(ev).evaluate(model, datamodule)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"step": step, "checkpoint": path.name, "settings": ev, **res}, indent=2))
@@ -50,13 +50,20 @@ def real_floor(study: dict[str, Any], ev: dict[str, Any], runs_dir: Path, data_r
     return floor
 
 
-def load_weights(path: Path, weights: str):
-    """The checkpoint's module with its EMA weights (``state_dict``) or its raw training weights."""
+def load_weights(path: Path, weights: str, sigma_rel: float | None = None, step: int | None = None):
+    """The checkpoint's module with its EMA weights (``state_dict``), its raw training weights, or the post-hoc EMA
+    of ``sigma_rel`` at ``step``, reconstructed from the snapshots in ``phema/`` beside the checkpoint (the run's
+    PostHocEMA callback writes them there with ``dirpath: ckpts/phema``)."""
     import torch
 
     from ddpm_lightning.module import DiffusionModule
 
     model = DiffusionModule.from_checkpoint(path, "cpu")
+    if weights == "phema":
+        from ddpm_lightning.commands.phema import load_snapshots, reconstruct
+
+        ema, _ = reconstruct(load_snapshots(path.parent, step), sigma_rel)
+        model.load_state_dict({**model.state_dict(), **ema})
     if weights == "raw":
         state = torch.load(path, map_location="cpu", weights_only=True)
         raw = state.get("current_model_state")

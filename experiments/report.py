@@ -313,15 +313,22 @@ def _plot_curves(per_variant, png: Path, title: str, x_scale: dict[str, float] |
 
 
 def _plot_sweep(study, results, png: Path) -> None:
-    """Metrics and time per sample against the study's ``sweep`` setting, one line per sampler."""
+    """Metrics and time per sample against the study's ``sweep`` setting, one line per sampler (and guidance scale,
+    unless guidance is what is swept)."""
     plt = _plt()
     x_key = study["sweep"]
     lines: dict = defaultdict(list)
     for ev_name, per_variant in results.items():
         ev = study["evaluations"][ev_name]
+        x = ev.get(x_key, 1.0 if x_key == "guidance_scale" else None)
+        if x is None:  # e.g. the EMA-weights row of a sigma_rel sweep: in the table only
+            continue
+        line = ev.get("sampler", "ddim")
+        if x_key != "guidance_scale":
+            line += f", guidance {ev.get('guidance_scale', 1.0):g}"
         for seeds in per_variant.values():
             finals = [r[-1][1] for r in seeds.values()]
-            lines[ev.get("sampler", "ddim")].append((ev.get(x_key, 1.0), finals))
+            lines[line].append((x, finals))
     present = {k for pts in lines.values() for _, finals in pts for f in finals for k in f}
     metrics = [m for m in METRICS if m[0] in present] + [("sample_seconds_per_1k", "seconds per sample", "lower")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -331,7 +338,7 @@ def _plot_sweep(study, results, png: Path) -> None:
             scale = {"cond_acc": 100, "sample_seconds_per_1k": 1e-3}.get(key, 1)
             ys = [statistics.fmean(f[key] * scale for f in finals) for _, finals in pts]
             ax.plot([x for x, _ in pts], ys, marker="o", label=sampler)
-        if x_key == "num_steps":
+        if x_key in ("num_steps", "sigma_rel"):
             ax.set_xscale("log")
         if key in ("fid_classifier", "sample_seconds_per_1k"):
             ax.set_yscale("log")

@@ -21,9 +21,9 @@ REPORT = ROOT / "experiments" / "REPORT.md"
 STUDY_KEYS = {"title", "question", "source", "base", "overrides", "budget", "checkpoint_every", "seeds", "variants"}
 STUDY_KEYS |= {"evaluations", "discussion", "grid", "sweep", "budget_minutes"}
 BUDGET_KEYS = ("max_steps", "max_time")
-EVAL_KEYS = {"checkpoints", "weights"}
+EVAL_KEYS = {"checkpoints", "weights", "sigma_rel"}
 CHECKPOINT_CHOICES = ("all", "last")
-WEIGHT_CHOICES = ("ema", "raw")
+WEIGHT_CHOICES = ("ema", "raw", "phema")  # phema: the post-hoc EMA of ``sigma_rel`` from the run's snapshots
 
 
 class StudyError(ValueError):
@@ -85,7 +85,13 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path.name}: evaluation {name!r}: unknown weights {ev['weights']!r}; choose one of: "
                 + ", ".join(WEIGHT_CHOICES)
             )
+        if (ev["weights"] == "phema") != ("sigma_rel" in ev):
+            raise StudyError(f"{path.name}: evaluation {name!r}: sigma_rel goes with weights: phema, and only with it")
         try:
+            if ev["weights"] == "phema":
+                from ddpm_lightning.phema import sigma_rel_to_gamma
+
+                sigma_rel_to_gamma(ev["sigma_rel"])
             evaluator(ev)
         except (TypeError, ValueError) as err:
             raise StudyError(f"{path.name}: evaluation {name!r}: {err}") from None

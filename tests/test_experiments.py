@@ -141,13 +141,60 @@ def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_da
     assert "changed since it was trained" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_post_hoc_ema_evaluations_score_the_reconstruction_ddpm_phema_writes(tmp_path, shared_data, monkeypatch):
+    """A run trained with the PostHocEMA callback (added by the variant's overrides) is scored at several sigma_rel:
+    each evaluation scores exactly the weights `ddpm phema --sigma_rel S --out` writes from the run's snapshots."""
+    import torch
+
+    from ddpm_lightning.main import main as ddpm_main
+    from experiments import evaluation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    phema = {
+        "trainer.callbacks+": "ddpm_lightning.callbacks.PostHocEMA",
+        "trainer.callbacks.every_n_steps": 2,
+        "trainer.callbacks.dirpath": "ckpts/phema",
+    }
+    sweep = {
+        f"phema{s}": {"weights": "phema", "sigma_rel": s, "num_samples": 20, "num_steps": 2, "batch_size": 20}
+        for s in (0.05, 0.2)
+    }
+    study_path = _study(tmp_path, budget={"max_steps": 6}, variants={"phema": phema}, evaluations=sweep)
+    assert _main(study_path, tmp_path, shared_data) == 0
+
+    study = study_files.load_study(study_path)
+    (spec,) = study_files.run_specs(study)
+    run_dir = tmp_path / "runs" / spec["id"]
+    assert sorted(p.name for p in (run_dir / "ckpts" / "phema").glob("*.pt")) == [
+        f"phema-{s:07d}.pt" for s in (2, 4, 6)
+    ]
+    fids = {}
+    for name, ev in study["evaluations"].items():
+        res = json.loads(study_files.result_path(run_dir, 6, ev).read_text())
+        assert res["step"] == 6 and res["settings"]["sigma_rel"] == ev["sigma_rel"]
+        fids[name] = res["fid_classifier"]
+        out = tmp_path / f"{name}.ckpt"
+        argv = ["phema", "--ckpt_dir", str(run_dir / "ckpts"), "--sigma_rel", str(ev["sigma_rel"]), "--out", str(out)]
+        assert ddpm_main(argv) in (0, None)
+        written = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+        loaded = evaluation.load_weights(run_dir / "ckpts" / "last.ckpt", "phema", ev["sigma_rel"], 6).state_dict()
+        assert set(written) == set(loaded)
+        for key, value in written.items():
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    assert fids["phema0.05"] != fids["phema0.2"]  # two EMA lengths, two different models
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"budjet": {"max_steps": 1}}, "unknown key(s) ['budjet']"),
         ({"budget": {"max_epochs": 1}}, "budget must set one or both of: max_steps, max_time"),
         ({"base": "configs/nope.yaml"}, "base config 'configs/nope.yaml' does not exist"),
-        ({"evaluations": {"e": {"weights": "swa"}}}, "unknown weights 'swa'; choose one of: ema, raw"),
+        ({"evaluations": {"e": {"weights": "swa"}}}, "unknown weights 'swa'; choose one of: ema, raw, phema"),
+        ({"evaluations": {"e": {"weights": "phema"}}}, "'e': sigma_rel goes with weights: phema, and only with it"),
+        ({"evaluations": {"e": {"sigma_rel": 0.1}}}, "'e': sigma_rel goes with weights: phema, and only with it"),
+        ({"evaluations": {"e": {"weights": "phema", "sigma_rel": 0.5}}}, "'e': sigma_rel must be"),
         ({"evaluations": {"e": {"checkpoints": "best"}}}, "unknown checkpoints 'best'; choose one of: all, last"),
         ({"evaluations": {"e": {"sampler": "bogus"}}}, "'e': unknown sampler 'bogus'; choose one of: ddpm, ddim"),
         ({"variants": {"a": {"budget": {"max_epochs": 2}}}}, "variant 'a': budget may set only: max_steps, max_time"),
