@@ -6,6 +6,9 @@ restores both on resume. What this subclass adds:
 
 * the decay warm-up of Ho et al.'s and improved-diffusion's EMA, ``decay_n = min(decay, (1 + n) / (10 + n))``
   after ``n`` updates, so that early averages are not dominated by the random initialisation;
+* or, with ``sigma_rel``, the power-function EMA of Karras et al. 2024 (eq. 3), ``decay_t = (1 - 1/t)^(gamma + 1)``
+  at update ``t``: an average whose length is a fixed fraction of the training so far, right wherever the run
+  stops (15 minutes or 15 hours); ``ddpm phema`` picks that fraction after training;
 * a foreach ``lerp`` update (one kernel launch per group of tensors instead of one per parameter);
 * :meth:`averaged_weights`, a context manager that puts the EMA weights into the module for sampling callbacks and
   is a no-op when they are already there (during validation).
@@ -24,6 +27,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
+from ddpm_lightning.phema import power_beta, sigma_rel_to_gamma
+
 
 def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
     """Decay used for update number ``num_updates`` (0-based count of earlier averaged updates)."""
@@ -40,16 +45,26 @@ class EMA(WeightAveraging):
         warmup: ramp the decay up as ``(1 + n) / (10 + n)`` over the first updates.
         update_every_n_steps: average after every n-th optimizer step.
         start_step: first optimizer step (0-based) that is averaged; before it the average tracks nothing.
+        sigma_rel: the power-function EMA of this relative length (std of the averaging profile / training length
+            so far, in (0, 0.2887); Karras et al. use 0.05–0.15). When given it replaces ``decay`` and ``warmup``
+            (so that a config setting it overrides a recipe's decay).
     """
 
     def __init__(
-        self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1, start_step: int = 0
+        self,
+        decay: float = 0.999,
+        warmup: bool = True,
+        update_every_n_steps: int = 1,
+        start_step: int = 0,
+        sigma_rel: float | None = None,
     ) -> None:
+        self.gamma = None if sigma_rel is None else sigma_rel_to_gamma(sigma_rel)  # a bad sigma_rel errs here
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         if update_every_n_steps < 1:
             raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
         self.decay = decay
+        self.sigma_rel = sigma_rel
         self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
@@ -68,7 +83,10 @@ class EMA(WeightAveraging):
             pl_module.__dict__.update(held)
 
     def multi_avg(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        d = ema_decay(self.decay, int(num_averaged), self.warmup)
+        if self.gamma is not None:  # update t = num_averaged + 1 (the first update, t = 1, copied the weights)
+            d = power_beta(self.gamma, int(num_averaged) + 1)
+        else:
+            d = ema_decay(self.decay, int(num_averaged), self.warmup)
         float_avg = [a for a in averaged if a.is_floating_point()]
         float_cur = [c for a, c in zip(averaged, current) if a.is_floating_point()]
         # avg <- avg + (1 - d) (cur - avg), the EMA update, as one foreach kernel
