@@ -161,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=str(REPORT))
     p.add_argument("--report_only", action="store_true", help="rebuild the report from saved results only")
     p.add_argument("--train_only", action="store_true", help="train the runs, evaluate nothing")
+    p.add_argument(
+        "--variants", nargs="+", default=None, help="train and evaluate only these variants (the report shows all)"
+    )
     return p
 
 
@@ -170,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         studies = find_studies(args.studies)
         if args.jobs < 1 or args.threads < 1:
             raise StudyError("--jobs and --threads must be >= 1")
+        if args.variants is not None:
+            known = {v for study in studies for v in study["variants"]}
+            unknown = sorted(set(args.variants) - known)
+            if unknown:
+                raise StudyError(f"unknown variant(s) {unknown}; the studies have: {', '.join(sorted(known))}")
     except StudyError as err:
         print(f"experiments: error: {err}", file=sys.stderr)
         return 2
@@ -188,6 +196,8 @@ def _run(args: argparse.Namespace, studies: list[dict[str, Any]]) -> None:
     if args.data_root is not None:  # training runs in the run folder: a relative root must not move with it
         args.data_root = str(Path(args.data_root).resolve())
     all_specs = {s["id"]: s for study in studies for s in run_specs(study)}
+    if args.variants is not None:
+        all_specs = {k: s for k, s in all_specs.items() if s["variant"] in args.variants}
     if not args.report_only:
         threads = max(1, args.threads // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -255,3 +255,14 @@ def test_fit_command_passes_budget_seed_data_and_checkpointing(tmp_path):
     assert "--trainer.max_steps 800 --trainer.max_epochs -1" in text
     assert "--data.root /data --data.download false" in text
     assert "--trainer.callbacks.every_n_train_steps 200" in text and "--ckpt_path" not in text
+
+
+def test_variants_option_trains_only_the_named_variants(tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(run, "train_run", lambda spec, *a: trained.append(spec["variant"]) or {})
+    path = _study(tmp_path)
+    argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"), "--train_only"]
+    assert run.main(argv + ["--variants", "cosine"]) == 0
+    assert trained == ["cosine"]
+    assert run.main(argv + ["--variants", "cosine", "cosin"]) == 2
+    assert "unknown variant(s) ['cosin']; the studies have: cosine, linear" in capsys.readouterr().err
