@@ -9,6 +9,7 @@ import functools
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,17 @@ METRICS = (
 FORMATS = {"cond_acc": (100, 1, " %"), "background_noise": (1, 4, "")}
 
 
-def write_report(studies: list[dict[str, Any]], runs_dir: Path, report: Path, make_grids: bool = True) -> None:
+def write_report(
+    studies: list[dict[str, Any]], runs_dir: Path, report: Path, make_grids: bool | Collection[str] = True
+) -> None:
+    """The report of ``studies``; missing sample grids are drawn for all of them, none, or the studies named."""
     _scalars.cache_clear()  # runs may have logged more since an earlier report in this process
     figures = report.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     sections = [_header(studies)]
     for study in studies:
-        sections.append(_study_section(study, runs_dir, report.parent, figures, make_grids))
+        grids = make_grids if isinstance(make_grids, bool) else study["name"] in make_grids
+        sections.append(_study_section(study, runs_dir, report.parent, figures, grids))
     report.write_text("\n\n".join(sections).rstrip() + "\n")
 
 
@@ -162,9 +167,10 @@ def _study_section(study, runs_dir: Path, report_dir: Path, figures: Path, make_
             grids.append(f"| {spec['variant']} | ![{spec['variant']}]({got.relative_to(report_dir)}) |")
     if grids:
         g = {"num_samples": 80, "num_steps": 50, "guidance_scale": 1.0, **(study.get("grid") or {})}
+        sampler = g.get("sampler", "ddim").upper()
         out += [
-            f"Samples of the last checkpoint (EMA weights, seed {study['seeds'][0]} run; DDIM {g['num_steps']} steps,"
-            f" guidance {g['guidance_scale']}; one row per class for conditional models):",
+            f"Samples of the last checkpoint (EMA weights, seed {study['seeds'][0]} run; {sampler}"
+            f" {g['num_steps']} steps, guidance {g['guidance_scale']}; one row per class for conditional models):",
             "",
             "| variant | samples |",
             "|---|---|",

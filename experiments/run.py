@@ -210,7 +210,17 @@ def _run(args: argparse.Namespace, studies: list[dict[str, Any]]) -> None:
         return
     from experiments.report import write_report  # matplotlib and TensorBoard's reader: only when reporting
 
-    write_report(studies, runs_dir, Path(args.report), make_grids=not args.report_only)
+    grids = set() if args.report_only else {s["name"] for s in studies}  # draw missing grids of the studies run
+    write_report(report_studies(studies), runs_dir, Path(args.report), make_grids=grids)
+
+
+def report_studies(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The studies the report shows: every shipped study when those run are all shipped ones (running one study
+    must not drop the others' sections from the shared report), else just those run."""
+    shipped = {s["name"]: s for s in find_studies([])}
+    if any(s["name"] not in shipped or s["path"] != shipped[s["name"]]["path"] for s in studies):
+        return studies
+    return [{**shipped, **{s["name"]: s for s in studies}}[name] for name in shipped]
 
 
 if __name__ == "__main__":

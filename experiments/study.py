@@ -49,6 +49,7 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
         if key not in study:
             raise StudyError(f"{path.name}: missing key {key!r}")
     study["name"] = path.stem
+    study["path"] = str(path.resolve())
     study["base"] = [study["base"]] if isinstance(study["base"], str) else list(study["base"])
     for cfg in study["base"]:
         if not (ROOT / cfg).is_file():

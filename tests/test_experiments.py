@@ -266,3 +266,11 @@ def test_variants_option_trains_only_the_named_variants(tmp_path, monkeypatch, c
     assert trained == ["cosine"]
     assert run.main(argv + ["--variants", "cosine", "cosin"]) == 2
     assert "unknown variant(s) ['cosin']; the studies have: cosine, linear" in capsys.readouterr().err
+
+
+def test_running_one_shipped_study_keeps_every_study_in_the_report(tmp_path):
+    shipped = [s["name"] for s in study_files.find_studies([])]
+    one = study_files.find_studies(["ema_length"])
+    assert [s["name"] for s in run.report_studies(one)] == shipped  # the shared REPORT.md keeps all sections
+    tiny = study_files.find_studies([str(_study(tmp_path))])
+    assert [s["name"] for s in run.report_studies(tiny)] == ["tiny_study"]  # a study of one's own: its own report
