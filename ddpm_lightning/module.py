@@ -7,6 +7,7 @@ guidance, logs, and builds the optimizer and the learning-rate schedule chosen i
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,28 @@ from ddpm_lightning.sampling import DEFAULT_SAMPLING, SamplingConfig, sample
 from ddpm_lightning.schedules import ScheduleName, make_betas
 
 SCHEDULER_INTERVALS = ("epoch", "step")
+LR_DECAYS = ("none", "linear", "cosine")
+LRDecay = Literal["none", "linear", "cosine"]
+
+
+def lr_decay_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the learning rate at optimizer step ``step`` (0-based): 1 through the warm-up, then ``linear``
+    or ``cosine`` from 1 down to 0 at ``total_steps`` (the run's last step is taken with a small but non-zero lr)."""
+    if kind == "none" or step < warmup_steps:
+        return 1.0
+    frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class _DecayRatio:
+    """``f(k) / f(k - 1)`` of :func:`lr_decay_factor`, for a chainable ``MultiplicativeLR`` (picklable)."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int) -> None:
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        prev = lr_decay_factor(self.kind, step - 1, self.warmup_steps, self.total_steps)
+        return lr_decay_factor(self.kind, step, self.warmup_steps, self.total_steps) / prev if prev > 0 else 0.0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,6 +95,11 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler_interval: step the scheduler every ``epoch`` or every ``step``.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps, from ``lr / warmup_steps`` to
             ``lr`` (0 = none); multiplies with ``lr_scheduler``, which keeps its own interval.
+        lr_decay: anneal the learning rate to 0 at the end of training, ``linear`` or ``cosine`` from the end of
+            the warm-up (``none``: keep it). The length is the trainer's (``max_steps``, or ``max_epochs`` x batches),
+            never retyped; multiplies with ``lr_scheduler``. For a fixed budget the last steps are then small, so the
+            raw weights at the end are already an average of sorts (experiments/studies/ema_length.yaml). A resumed
+            run keeps the schedule it started with (its length is in the checkpoint).
         channels_last: keep the network's 4-D weights channels-last (NHWC), the layout oneDNN and cuDNN convolutions
             prefer (activations follow the weights). Same results up to float rounding; its measured effect is in
             ``benchmarks/ABLATIONS.md``.
@@ -118,6 +146,7 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         warmup_steps: int = 0,
+        lr_decay: LRDecay = "none",
         channels_last: bool = False,
         torch_compile: bool = False,
         sampling: SamplingConfig = DEFAULT_SAMPLING,
@@ -132,6 +161,8 @@ class DiffusionModule(L.LightningModule):
                 f"unknown lr_scheduler_interval {lr_scheduler_interval!r}; choose one of: "
                 + ", ".join(SCHEDULER_INTERVALS)
             )
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown lr_decay {lr_decay!r}; choose one of: " + ", ".join(LR_DECAYS))
         if val_timesteps < 1 or warmup_steps < 0:
             raise ValueError("val_timesteps must be >= 1 and warmup_steps >= 0")
         self.sampling = SamplingConfig.of(sampling)  # a checkpoint's hyperparameters hold it as a plain dict
@@ -252,6 +283,18 @@ class DiffusionModule(L.LightningModule):
                 optimizer, start_factor=1.0 / self.hparams.warmup_steps, total_iters=self.hparams.warmup_steps
             )
             schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
+        if self.hparams.get("lr_decay", "none") != "none":
+            total = trainer.estimated_stepping_batches if trainer is not None else math.inf
+            if not math.isfinite(total):
+                raise ValueError(
+                    "model.lr_decay anneals to 0 at the end of training: set trainer.max_steps or trainer.max_epochs "
+                    "(max_time alone gives no end step)"
+                )
+            # chainable (it multiplies the lr it finds, as the warm-up and StepLR do): step k's ratio f(k) / f(k - 1)
+            decay = torch.optim.lr_scheduler.MultiplicativeLR(
+                optimizer, _DecayRatio(self.hparams.lr_decay, self.hparams.warmup_steps, int(total))
+            )
+            schedulers.append({"scheduler": decay, "interval": "step", "name": "lr_decay"})
         if self.lr_scheduler_factory is not None:
             schedulers.append(
                 {"scheduler": self.lr_scheduler_factory(optimizer), "interval": self.hparams.lr_scheduler_interval}

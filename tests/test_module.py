@@ -114,9 +114,55 @@ def test_warmup_chained_with_step_lr(tmp_path):
     assert lrs == pytest.approx([0.01 * f for f in [0.25, 0.4375, 0.625, 0.8125, 0.5, 0.5, 0.5, 0.5]])
 
 
+def _lrs_of_fit(tmp_path, model, **trainer_kw) -> list[float]:
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = _trainer(tmp_path, callbacks=[Record()], enable_checkpointing=False, **trainer_kw)
+    trainer.fit(model, _loader(32))  # 4 steps per epoch
+    return lrs
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_lr_decay_reaches_zero_at_the_trainers_last_step_after_the_warmup(tmp_path, kind):
+    """lr_decay takes its length from the trainer (max_steps 10 here, max_epochs below), chains with the warm-up
+    (2 steps) and StepLR (x0.5 per epoch), and ends one step short of 0."""
+    import math
+    from functools import partial
+
+    model = _tiny_model(
+        optimizer=partial(torch.optim.SGD, lr=0.01),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        warmup_steps=2,
+        lr_decay=kind,
+    )
+    lrs = _lrs_of_fit(tmp_path, model, max_epochs=-1, max_steps=10)
+    warm = [0.5, 0.75] + [1.0] * 8  # LinearLR from 1/2 over 2 steps
+    step_lr = [0.5 ** (k // 4) for k in range(10)]
+    frac = [max(0, k - 2) / 8 for k in range(10)]
+    decay = [1 - f if kind == "linear" else 0.5 * (1 + math.cos(math.pi * f)) for f in frac]
+    assert lrs == pytest.approx([0.01 * w * s * d for w, s, d in zip(warm, step_lr, decay)])
+    assert lrs[-1] > 0 and decay[-1] == pytest.approx(
+        1 / 8 if kind == "linear" else 0.5 * (1 + math.cos(7 * math.pi / 8))
+    )
+
+    by_epochs = _lrs_of_fit(tmp_path, _tiny_model(optimizer=partial(torch.optim.SGD, lr=0.01), lr_decay="linear"))
+    assert by_epochs == pytest.approx([0.01 * (1 - k / 8) for k in range(8)])  # 2 epochs x 4 steps
+
+
+def test_lr_decay_without_an_end_step_is_one_line_error(tmp_path):
+    model = _tiny_model(lr_decay="cosine")
+    with pytest.raises(ValueError, match="set trainer.max_steps or trainer.max_epochs"):
+        _trainer(tmp_path, max_epochs=-1, max_time="00:00:01:00").fit(model, _loader(32))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
+        ({"lr_decay": "exp"}, "unknown lr_decay 'exp'; choose one of: none, linear, cosine"),
         ({"conditional": True, "num_classes": 0}, "conditional"),
         ({"lr_scheduler_interval": "batch"}, "epoch, step"),
         ({"cond_drop_prob": 1.0}, "cond_drop_prob"),
@@ -246,3 +292,31 @@ def test_fused_optimizer_is_clipped_under_bf16_mixed_and_refused_with_fp16(tmp_p
     monkeypatch.setattr(L.Trainer, "precision", property(lambda self: "16-mixed"))
     with pytest.raises(ValueError, match=r"16-mixed use model.optimizer.init_args.fused: false"):
         model.configure_optimizers()
+
+
+def test_lr_decay_resumes_on_schedule(tmp_path):
+    """Stopped at step 4 of 10 and resumed from last.ckpt, the lr goes on exactly as in the straight run."""
+    from functools import partial
+
+    def model():
+        return _tiny_model(optimizer=partial(torch.optim.SGD, lr=0.01), warmup_steps=2, lr_decay="cosine")
+
+    straight = _lrs_of_fit(tmp_path / "a", model(), max_epochs=-1, max_steps=10)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4 and not trainer.ckpt_path:
+                trainer.should_stop = True
+
+    def trainer():
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+        return _trainer(tmp_path / "b", max_epochs=-1, max_steps=10, callbacks=[Record(), ckpt])
+
+    trainer().fit(model(), _loader(32))
+    assert len(lrs) == 4
+    trainer().fit(model(), _loader(32), ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert lrs == pytest.approx(straight, rel=1e-12)
