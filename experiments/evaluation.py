@@ -20,6 +20,8 @@ def evaluate_run(spec: dict[str, Any], study: dict[str, Any], runs_dir: Path, da
     ckpts = checkpoints(run_dir)
     datamodule = None
     for name, ev in study["evaluations"].items():
+        if spec["variant"] not in ev.get("variants", [spec["variant"]]):
+            continue
         chosen = ckpts if ev["checkpoints"] == "all" else ckpts[-1:]
         for step, path in chosen:
             out = result_path(run_dir, step, ev)

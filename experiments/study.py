@@ -21,7 +21,7 @@ REPORT = ROOT / "experiments" / "REPORT.md"
 STUDY_KEYS = {"title", "question", "source", "base", "overrides", "budget", "checkpoint_every", "seeds", "variants"}
 STUDY_KEYS |= {"evaluations", "discussion", "grid", "sweep", "budget_minutes"}
 BUDGET_KEYS = ("max_steps", "max_time")
-EVAL_KEYS = {"checkpoints", "weights", "sigma_rel"}
+EVAL_KEYS = {"checkpoints", "weights", "sigma_rel", "variants"}  # variants: score only these (default: all)
 CHECKPOINT_CHOICES = ("all", "last")
 WEIGHT_CHOICES = ("ema", "raw", "phema")  # phema: the post-hoc EMA of ``sigma_rel`` from the run's snapshots
 
@@ -86,6 +86,9 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path.name}: evaluation {name!r}: unknown weights {ev['weights']!r}; choose one of: "
                 + ", ".join(WEIGHT_CHOICES)
             )
+        unknown = set(ev.get("variants", [])) - set(study["variants"])
+        if unknown:
+            raise StudyError(f"{path.name}: evaluation {name!r}: unknown variant(s) {sorted(unknown)}")
         if (ev["weights"] == "phema") != ("sigma_rel" in ev):
             raise StudyError(f"{path.name}: evaluation {name!r}: sigma_rel goes with weights: phema, and only with it")
         try:

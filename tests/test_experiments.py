@@ -160,11 +160,14 @@ def test_post_hoc_ema_evaluations_score_the_reconstruction_ddpm_phema_writes(tmp
         f"phema{s}": {"weights": "phema", "sigma_rel": s, "num_samples": 20, "num_steps": 2, "batch_size": 20}
         for s in (0.05, 0.2)
     }
-    study_path = _study(tmp_path, budget={"max_steps": 6}, variants={"phema": phema}, evaluations=sweep)
+    sweep["phema0.05"]["variants"] = sweep["phema0.2"]["variants"] = ["phema"]  # not for the run without snapshots
+    variants = {"phema": phema, "plain": {"model.schedule": "cosine"}}
+    study_path = _study(tmp_path, budget={"max_steps": 6}, variants=variants, evaluations=sweep)
     assert _main(study_path, tmp_path, shared_data) == 0
 
     study = study_files.load_study(study_path)
-    (spec,) = study_files.run_specs(study)
+    spec, plain = study_files.run_specs(study)
+    assert not (tmp_path / "runs" / plain["id"] / "eval").exists()  # its evaluations name only the other variant
     run_dir = tmp_path / "runs" / spec["id"]
     assert sorted(p.name for p in (run_dir / "ckpts" / "phema").glob("*.pt")) == [
         f"phema-{s:07d}.pt" for s in (2, 4, 6)
@@ -195,6 +198,7 @@ def test_post_hoc_ema_evaluations_score_the_reconstruction_ddpm_phema_writes(tmp
         ({"evaluations": {"e": {"weights": "phema"}}}, "'e': sigma_rel goes with weights: phema, and only with it"),
         ({"evaluations": {"e": {"sigma_rel": 0.1}}}, "'e': sigma_rel goes with weights: phema, and only with it"),
         ({"evaluations": {"e": {"weights": "phema", "sigma_rel": 0.5}}}, "'e': sigma_rel must be"),
+        ({"evaluations": {"e": {"variants": ["cosin"]}}}, "evaluation 'e': unknown variant(s) ['cosin']"),
         ({"evaluations": {"e": {"checkpoints": "best"}}}, "unknown checkpoints 'best'; choose one of: all, last"),
         ({"evaluations": {"e": {"sampler": "bogus"}}}, "'e': unknown sampler 'bogus'; choose one of: ddpm, ddim"),
         ({"variants": {"a": {"budget": {"max_epochs": 2}}}}, "variant 'a': budget may set only: max_steps, max_time"),
