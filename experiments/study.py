@@ -65,9 +65,11 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
         own = overrides.get("budget", {})
         if not isinstance(own, dict) or set(own) - set(BUDGET_KEYS):
             raise StudyError(f"{path.name}: variant {variant!r}: budget may set only: {', '.join(BUDGET_KEYS)}")
-    minutes = study.get("budget_minutes")
-    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise StudyError(f"{path.name}: budget_minutes must be a number > 0, got {minutes!r}")
+    for where, minutes in [("", study.get("budget_minutes"))] + [
+        (f"variant {v!r}: ", o.get("budget_minutes")) for v, o in study["variants"].items()
+    ]:  # a variant's own minutes: designs compared at different budgets (15 vs 30 minutes)
+        if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+            raise StudyError(f"{path.name}: {where}budget_minutes must be a number > 0, got {minutes!r}")
     evals = study["evaluations"]
     if not isinstance(evals, dict) or not evals:
         raise StudyError(f"{path.name}: evaluations must map names to settings")
@@ -139,6 +141,7 @@ def run_specs(study: dict[str, Any]) -> list[dict[str, Any]]:
     for variant, overrides in study["variants"].items():
         overrides = dict(overrides)
         budget = {**study["budget"], **overrides.pop("budget", {})}
+        overrides.pop("budget_minutes", None)  # report-only: the x axis of the curves
         for seed in study["seeds"]:
             train = {
                 "base": study["base"],
@@ -155,10 +158,11 @@ def run_specs(study: dict[str, Any]) -> list[dict[str, Any]]:
 def minutes_per_step(study: dict[str, Any], variant: str) -> float | None:
     """Wall-minutes one training step of ``variant`` stands for, when the study gives its step budgets as
     ``budget_minutes`` of a quiet machine (each variant's ``max_steps`` = those minutes at its own measured speed)."""
-    if study.get("budget_minutes") is None:
+    minutes = study["variants"][variant].get("budget_minutes", study.get("budget_minutes"))
+    if minutes is None:
         return None
     steps = {**study["budget"], **study["variants"][variant].get("budget", {})}.get("max_steps")
-    return study["budget_minutes"] / steps if steps else None
+    return minutes / steps if steps else None
 
 
 def config_digests(train: dict[str, Any]) -> dict[str, str]:

@@ -203,6 +203,7 @@ def test_post_hoc_ema_evaluations_score_the_reconstruction_ddpm_phema_writes(tmp
         ({"evaluations": {"e": {"sampler": "bogus"}}}, "'e': unknown sampler 'bogus'; choose one of: ddpm, ddim"),
         ({"variants": {"a": {"budget": {"max_epochs": 2}}}}, "variant 'a': budget may set only: max_steps, max_time"),
         ({"budget_minutes": 0}, "budget_minutes must be a number > 0, got 0"),
+        ({"variants": {"a": {"budget_minutes": "x"}}}, "variant 'a': budget_minutes must be a number > 0, got 'x'"),
     ],
 )
 def test_bad_study_is_one_line_error(tmp_path, capsys, changes, message):
@@ -245,6 +246,12 @@ def test_a_variant_budget_replaces_the_study_budget_and_sets_its_minutes_per_ste
     assert specs["b"]["train"]["overrides"] == {"x.y": 1}  # the budget is no CLI override
     assert study_files.minutes_per_step(study, "a") == 2.5 and study_files.minutes_per_step(study, "b") == 1.25
     assert "--trainer.max_steps 8" in " ".join(run.fit_command(specs["b"]["train"], tmp_path, None))
+    # a variant with its own minutes (15 vs 30 minutes at one speed): not a CLI override either
+    c = {"budget": {"max_steps": 2}, "budget_minutes": 5}
+    path = _study(tmp_path, budget_minutes=10, variants={"a": {}, "c": c})
+    study = study_files.load_study(path)
+    assert study_files.minutes_per_step(study, "c") == 2.5 == study_files.minutes_per_step(study, "a")
+    assert {s["variant"]: s["train"]["overrides"] for s in study_files.run_specs(study)}["c"] == {}
     # the shipped study: the recipe's 530 steps stand for 10 minutes
     shipped = study_files.load_study(REPO / "experiments" / "studies" / "time_to_quality.yaml")
     assert study_files.minutes_per_step(shipped, "recipe") == pytest.approx(10 / 530)
