@@ -14,8 +14,8 @@ install-keep-torch:  ## into an environment with its own torch (a cluster's CUDA
 constraints:  ## rewrite constraints/ci.txt from this environment (run in the CI environment after an upgrade)
 	$(PYTHON) scripts/freeze_constraints.py
 
-test:  ## everything CI runs, slow tests included
-	$(PYTHON) -m pytest -q
+test:  ## everything CI runs, slow tests included (the 25 slowest are listed at the end: the suite's budget is ~15 min)
+	$(PYTHON) -m pytest -q --durations=25
 
 test-fast:  ## skip the tests marked slow while iterating
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -54,8 +54,7 @@ def real_floor(study: dict[str, Any], ev: dict[str, Any], runs_dir: Path, data_r
 
 def load_weights(path: Path, weights: str, sigma_rel: float | None = None, step: int | None = None):
     """The checkpoint's module with its EMA weights (``state_dict``), its raw training weights, or the post-hoc EMA
-    of ``sigma_rel`` at ``step``, reconstructed from the snapshots in ``phema/`` beside the checkpoint (the run's
-    PostHocEMA callback writes them there with ``dirpath: ckpts/phema``)."""
+    of ``sigma_rel`` at ``step``, reconstructed from the run's post-hoc EMA snapshots (:func:`snapshot_dir`)."""
     import torch
 
     from ddpm_lightning.module import DiffusionModule
@@ -64,7 +63,7 @@ def load_weights(path: Path, weights: str, sigma_rel: float | None = None, step:
     if weights == "phema":
         from ddpm_lightning.commands.phema import load_snapshots, reconstruct
 
-        ema, _ = reconstruct(load_snapshots(path.parent, step), sigma_rel)
+        ema, _ = reconstruct(load_snapshots(snapshot_dir(path), step), sigma_rel)
         model.load_state_dict({**model.state_dict(), **ema})
     if weights == "raw":
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -73,6 +72,17 @@ def load_weights(path: Path, weights: str, sigma_rel: float | None = None, step:
             raise ValueError(f"{path} has no raw weights (trained without the EMA callback)")
         model.load_state_dict(raw)
     return model.eval()
+
+
+def snapshot_dir(path: Path) -> Path:
+    """The folder whose ``phema/`` holds the run's post-hoc EMA snapshots: beside the checkpoint (a variant's
+    ``dirpath: ckpts/phema``), else beside the recipe's own checkpoints (a recipe that keeps PostHocEMA with its
+    default folder, as configs/mnist_conditional.yaml does: ``<run>/tb/version_0/checkpoints/phema``)."""
+    recipe_dir = path.parent.parent / "tb" / "version_0" / "checkpoints"
+    for folder in (path.parent, recipe_dir):
+        if (folder / "phema").is_dir():
+            return folder
+    return path.parent  # load_snapshots names the folder it looked in
 
 
 def _short(res: dict[str, float]) -> str:

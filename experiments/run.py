@@ -164,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants", nargs="+", default=None, help="train and evaluate only these variants (the report shows all)"
     )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="train and evaluate only these seeds (the report shows all)"
+    )
     return p
 
 
@@ -178,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = sorted(set(args.variants) - known)
             if unknown:
                 raise StudyError(f"unknown variant(s) {unknown}; the studies have: {', '.join(sorted(known))}")
+        if args.seeds is not None:
+            known_seeds = {seed for study in studies for seed in study["seeds"]}
+            unknown_seeds = sorted(set(args.seeds) - known_seeds)
+            if unknown_seeds:
+                raise StudyError(
+                    f"unknown seed(s) {unknown_seeds}; the studies have: {', '.join(map(str, sorted(known_seeds)))}"
+                )
     except StudyError as err:
         print(f"experiments: error: {err}", file=sys.stderr)
         return 2
@@ -198,6 +208,8 @@ def _run(args: argparse.Namespace, studies: list[dict[str, Any]]) -> None:
     all_specs = {s["id"]: s for study in studies for s in run_specs(study)}
     if args.variants is not None:
         all_specs = {k: s for k, s in all_specs.items() if s["variant"] in args.variants}
+    if args.seeds is not None:
+        all_specs = {k: s for k, s in all_specs.items() if s["seed"] in args.seeds}
     if not args.report_only:
         threads = max(1, args.threads // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -50,10 +50,7 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
             raise StudyError(f"{path.name}: missing key {key!r}")
     study["name"] = path.stem
     study["path"] = str(path.resolve())
-    study["base"] = [study["base"]] if isinstance(study["base"], str) else list(study["base"])
-    for cfg in study["base"]:
-        if not (ROOT / cfg).is_file():
-            raise StudyError(f"{path.name}: base config {cfg!r} does not exist")
+    study["base"] = _base_configs(study["base"], f"{path.name}: ")
     budget = study["budget"]
     if not isinstance(budget, dict) or not budget or set(budget) - set(BUDGET_KEYS):
         raise StudyError(f"{path.name}: budget must set one or both of: {', '.join(BUDGET_KEYS)}")
@@ -65,6 +62,8 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
         own = overrides.get("budget", {})
         if not isinstance(own, dict) or set(own) - set(BUDGET_KEYS):
             raise StudyError(f"{path.name}: variant {variant!r}: budget may set only: {', '.join(BUDGET_KEYS)}")
+        if "base" in overrides:  # a variant's own base config(s): a whole recipe against the study's base
+            overrides["base"] = _base_configs(overrides["base"], f"{path.name}: variant {variant!r}: ")
     for where, minutes in [("", study.get("budget_minutes"))] + [
         (f"variant {v!r}: ", o.get("budget_minutes")) for v, o in study["variants"].items()
     ]:  # a variant's own minutes: designs compared at different budgets (15 vs 30 minutes)
@@ -135,6 +134,15 @@ def digest(obj: Any, n: int = 10) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
 
 
+def _base_configs(base: str | list[str], where: str) -> list[str]:
+    """One config path or a list of them, each checked to exist (relative to the repository)."""
+    configs = [base] if isinstance(base, str) else list(base)
+    for cfg in configs:
+        if not (ROOT / cfg).is_file():
+            raise StudyError(f"{where}base config {cfg!r} does not exist")
+    return configs
+
+
 def run_specs(study: dict[str, Any]) -> list[dict[str, Any]]:
     """One training spec per (variant, seed); its ``id`` is a digest of everything that decides the training."""
     specs = []
@@ -142,15 +150,16 @@ def run_specs(study: dict[str, Any]) -> list[dict[str, Any]]:
         overrides = dict(overrides)
         budget = {**study["budget"], **overrides.pop("budget", {})}
         overrides.pop("budget_minutes", None)  # report-only: the x axis of the curves
+        base = overrides.pop("base", study["base"])
         for seed in study["seeds"]:
             train = {
-                "base": study["base"],
+                "base": base,
                 "overrides": {**study["overrides"], **overrides},
                 "budget": budget,
                 "checkpoint_every": study["checkpoint_every"],
                 "seed": seed,
             }
-            stem = Path(study["base"][0]).stem
+            stem = Path(base[0]).stem
             specs.append({"variant": variant, "seed": seed, "train": train, "id": f"{stem}-{digest(train)}"})
     return specs
 

@@ -203,6 +203,7 @@ def test_post_hoc_ema_evaluations_score_the_reconstruction_ddpm_phema_writes(tmp
         ({"evaluations": {"e": {"sampler": "bogus"}}}, "'e': unknown sampler 'bogus'; choose one of: ddpm, ddim"),
         ({"variants": {"a": {"budget": {"max_epochs": 2}}}}, "variant 'a': budget may set only: max_steps, max_time"),
         ({"budget_minutes": 0}, "budget_minutes must be a number > 0, got 0"),
+        ({"variants": {"a": {"base": "configs/nope.yaml"}}}, "variant 'a': base config 'configs/nope.yaml' does not"),
         ({"variants": {"a": {"budget_minutes": "x"}}}, "variant 'a': budget_minutes must be a number > 0, got 'x'"),
     ],
 )
@@ -235,6 +236,8 @@ def test_shipped_studies_are_valid_and_share_the_baseline_run():
     assert ids["ema"][("baseline", 0)] == baseline
     assert ids["sampling"][("baseline", 0)] == baseline
     assert ids["schedules"][("linear", 1)] != baseline
+    # the quality bar of the shipped recipe is the new recipe's seed-42 run of the 15-vs-30 comparison
+    assert ids["quality_bar"][("recipe", 42)] == ids["recipe_15_vs_30"][("new_15min", 42)]
 
 
 def test_a_variant_budget_replaces_the_study_budget_and_sets_its_minutes_per_step(tmp_path):
@@ -257,6 +260,37 @@ def test_a_variant_budget_replaces_the_study_budget_and_sets_its_minutes_per_ste
     assert study_files.minutes_per_step(shipped, "recipe") == pytest.approx(10 / 530)
 
 
+def test_post_hoc_snapshots_are_found_beside_the_checkpoint_or_the_recipes_own_checkpoints(tmp_path):
+    from experiments.evaluation import snapshot_dir
+
+    ckpt = tmp_path / "run" / "ckpts" / "last.ckpt"
+    recipe_dir = tmp_path / "run" / "tb" / "version_0" / "checkpoints"
+    (recipe_dir / "phema").mkdir(parents=True)
+    assert snapshot_dir(ckpt) == recipe_dir  # configs/mnist_conditional.yaml's PostHocEMA, default folder
+    (ckpt.parent / "phema").mkdir(parents=True)
+    assert snapshot_dir(ckpt) == ckpt.parent  # a variant's dirpath: ckpts/phema comes first
+
+
+def test_a_variant_base_trains_that_recipe_and_names_its_runs(tmp_path):
+    """recipe_15_vs_30-style: a whole recipe (its own config file) against the study's base."""
+    other = tmp_path / "other_recipe.yaml"
+    other.write_text(yaml.safe_dump({**TINY_CONFIG, "seed_everything": 7}))
+    path = _study(tmp_path, variants={"old": {}, "new": {"base": str(other), "budget": {"max_steps": 2}}})
+    specs = {s["variant"]: s for s in study_files.run_specs(study_files.load_study(path))}
+    assert specs["new"]["train"]["base"] == [str(other)] and specs["new"]["train"]["overrides"] == {}
+    assert specs["new"]["id"].startswith("other_recipe-") and specs["old"]["id"].startswith("tiny-")
+    new_cmd, old_cmd = (" ".join(run.fit_command(specs[v]["train"], tmp_path, None)) for v in ("new", "old"))
+    assert f"--config {other} " in new_cmd and "tiny.yaml" not in new_cmd and "--base" not in new_cmd
+    assert f"--config {tmp_path / 'tiny.yaml'} " in old_cmd and "other_recipe" not in old_cmd
+    # the shipped comparison: the old recipe from its frozen copy, the new one from the file users run
+    shipped = study_files.load_study(REPO / "experiments" / "studies" / "recipe_15_vs_30.yaml")
+    bases = {s["variant"]: s["train"]["base"] for s in study_files.run_specs(shipped)}
+    assert bases == {
+        "old_30min": ["experiments/configs/mnist_conditional_dec2026.yaml"],
+        "new_15min": ["configs/mnist_conditional.yaml"],
+    }
+
+
 def test_fit_command_passes_budget_seed_data_and_checkpointing(tmp_path):
     study = study_files.load_study(REPO / "experiments" / "studies" / "timesteps.yaml")
     spec = next(s for s in study_files.run_specs(study) if s["variant"] == "T=10" and s["seed"] == 1)
@@ -277,6 +311,17 @@ def test_variants_option_trains_only_the_named_variants(tmp_path, monkeypatch, c
     assert trained == ["cosine"]
     assert run.main(argv + ["--variants", "cosine", "cosin"]) == 2
     assert "unknown variant(s) ['cosin']; the studies have: cosine, linear" in capsys.readouterr().err
+
+
+def test_seeds_option_trains_only_the_named_seeds(tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(run, "train_run", lambda spec, *a: trained.append((spec["variant"], spec["seed"])) or {})
+    path = _study(tmp_path, seeds=[1, 2])
+    argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"), "--train_only"]
+    assert run.main(argv + ["--seeds", "2", "--variants", "linear"]) == 0
+    assert trained == [("linear", 2)]
+    assert run.main(argv + ["--seeds", "3"]) == 2
+    assert "unknown seed(s) [3]; the studies have: 1, 2" in capsys.readouterr().err
 
 
 def test_running_one_shipped_study_keeps_every_study_in_the_report(tmp_path):
