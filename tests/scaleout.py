@@ -183,6 +183,7 @@ def write_fragment(
     cfg = {
         "trainer": {
             "max_epochs": epochs,
+            "max_steps": -1,  # the epochs above are the budget, whatever the recipe's own max_steps
             "limit_train_batches": steps_per_epoch,
             "limit_val_batches": 1,
             "enable_progress_bar": False,

@@ -37,7 +37,9 @@ def test_ddp_two_cpu_processes(shared_data, tmp_path):
     assert len(prepare_log.read_text().split()) == 1  # data prepared (downloaded) by one process
     assert "effective batch size 64 = 16 per device x 2 accumulated x 2 devices" in proc.stdout + proc.stderr
     run = only_run_dir(tmp_path)
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no second copy, no temporary file
+    # the fragment's ModelCheckpoint (every 2 steps, top 1, no monitor) and its last.ckpt: no temporary file beside
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert load_ckpt(run / "checkpoints" / "epoch=0-step=2.ckpt")["global_step"] == 2
     assert [p.name for p in (run / "samples").iterdir()] == ["epoch=000.png"]
     ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
