@@ -175,7 +175,7 @@ def test_bad_arguments(kwargs, needle):
 
 @pytest.mark.slow
 def test_real_mnist_validation_loss_drops(shared_data, tmp_path):
-    """A few hundred steps on the real MNIST drive the fixed-grid validation loss clearly below its start."""
+    """120 steps on the real MNIST drive the fixed-grid validation loss to under a quarter of its start."""
     from ddpm_lightning.data import MNISTDataModule
 
     L.seed_everything(0)
@@ -191,8 +191,8 @@ def test_real_mnist_validation_loss_drops(shared_data, tmp_path):
     )
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=300,
-        val_check_interval=300,
+        max_steps=120,
+        val_check_interval=120,
         limit_val_batches=4,
         logger=False,
         enable_checkpointing=False,
@@ -204,7 +204,7 @@ def test_real_mnist_validation_loss_drops(shared_data, tmp_path):
     trainer.fit(model, dm)
     end = trainer.callback_metrics["val/loss"].item()
     assert start > 0.5  # an untrained eps-predictor is near the unit variance of the noise
-    assert end < 0.5 * start, (start, end)
+    assert end < 0.25 * start, (start, end)  # measured: 0.9995 -> 0.1046 at 120 steps
 
 
 def _loss_and_grads(model: DiffusionModule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
