@@ -115,7 +115,7 @@ def loss_curve(precision: Precision, seed: int, steps: int, data_root: str, devi
         torch.nn.utils.clip_grad_norm_(module.parameters(), shape.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
