@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from experiments.study import ROOT, checkpoints, digest, evaluator, floor_key, result_path
+from experiments.study import ROOT, checkpoints, digest, evaluator, floor_key, result_path, tb_checkpoint_dir
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
@@ -78,8 +78,7 @@ def snapshot_dir(path: Path) -> Path:
     """The folder whose ``phema/`` holds the run's post-hoc EMA snapshots: beside the checkpoint (a variant's
     ``dirpath: ckpts/phema``), else beside the recipe's own checkpoints (a recipe that keeps PostHocEMA with its
     default folder, as configs/mnist_conditional.yaml does: ``<run>/tb/version_0/checkpoints/phema``)."""
-    recipe_dir = path.parent.parent / "tb" / "version_0" / "checkpoints"
-    for folder in (path.parent, recipe_dir):
+    for folder in (path.parent, tb_checkpoint_dir(path.parent.parent)):
         if (folder / "phema").is_dir():
             return folder
     return path.parent  # load_snapshots names the folder it looked in

@@ -31,6 +31,8 @@ from experiments.study import (
     REPORT,
     ROOT,
     RUNS_DIR,
+    TB_NAME,
+    TB_VERSION,
     StudyError,
     checkpoint_files,
     config_digests,
@@ -65,8 +67,8 @@ def fit_command(train: dict[str, Any], run_dir: Path, data_root: str | None) -> 
     if "max_time" in budget:
         cmd += ["--trainer.max_time", str(budget["max_time"])]
     cmd += ["--trainer.default_root_dir", str(run_dir)]
-    cmd += ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", "tb"]
-    cmd += ["--trainer.logger.init_args.version", "0"]
+    cmd += ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", TB_NAME]
+    cmd += ["--trainer.logger.init_args.version", str(TB_VERSION)]
     ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"]
     ckpt += ["--trainer.callbacks.dirpath", str(run_dir / "ckpts"), "--trainer.callbacks.save_last", "true"]
     ckpt += ["--trainer.callbacks.filename", "step={step:06d}", "--trainer.callbacks.auto_insert_metric_name", "false"]

@@ -17,6 +17,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES_DIR = ROOT / "experiments" / "studies"
 RUNS_DIR = ROOT / "experiments" / "runs"
+# each run logs to <run>/tb/version_0 (TensorBoard); a recipe's own checkpoint callbacks write beside it
+TB_NAME, TB_VERSION = "tb", 0
+
+
+def tb_checkpoint_dir(run_dir: Path) -> Path:
+    """Where a recipe's own callbacks (ModelCheckpoint, PostHocEMA with its default folder) write in a run."""
+    return run_dir / TB_NAME / f"version_{TB_VERSION}" / "checkpoints"
+
+
 REPORT = ROOT / "experiments" / "REPORT.md"
 STUDY_KEYS = {"title", "question", "source", "base", "overrides", "budget", "checkpoint_every", "seeds", "variants"}
 STUDY_KEYS |= {"evaluations", "discussion", "grid", "sweep", "budget_minutes"}
