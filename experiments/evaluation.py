@@ -8,7 +8,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from experiments.study import ROOT, checkpoints, digest, evaluator, floor_key, result_path, tb_checkpoint_dir
+from experiments.study import (
+    ROOT,
+    StudyError,
+    checkpoints,
+    digest,
+    evaluator,
+    floor_key,
+    result_path,
+    tb_checkpoint_dir,
+)
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
@@ -27,6 +36,12 @@ def evaluate_run(spec: dict[str, Any], study: dict[str, Any], runs_dir: Path, da
             out = result_path(run_dir, step, ev)
             if out.is_file():
                 continue
+            if not path.is_file():  # a committed run record whose git-ignored checkpoints are gone (a fresh clone)
+                raise StudyError(
+                    f"run {spec['id']} ({spec['variant']}, seed {spec['seed']}) was trained, but evaluation {name!r}"
+                    f" needs {path.relative_to(run_dir)} and it is gone (checkpoints are not committed);"
+                    f" delete {run_dir} to train the run again"
+                )
             if datamodule is None:
                 datamodule = datamodule_from_recipe(ROOT / spec["train"]["base"][-1], data_root)
             model = load_weights(path, ev["weights"], ev.get("sigma_rel"), step)

@@ -178,18 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         studies = find_studies(args.studies)
         if args.jobs < 1 or args.threads < 1:
             raise StudyError("--jobs and --threads must be >= 1")
-        if args.variants is not None:
-            known = {v for study in studies for v in study["variants"]}
-            unknown = sorted(set(args.variants) - known)
-            if unknown:
-                raise StudyError(f"unknown variant(s) {unknown}; the studies have: {', '.join(sorted(known))}")
-        if args.seeds is not None:
-            known_seeds = {seed for study in studies for seed in study["seeds"]}
-            unknown_seeds = sorted(set(args.seeds) - known_seeds)
-            if unknown_seeds:
-                raise StudyError(
-                    f"unknown seed(s) {unknown_seeds}; the studies have: {', '.join(map(str, sorted(known_seeds)))}"
-                )
+        _check_known("variant", args.variants, {v for study in studies for v in study["variants"]})
+        _check_known("seed", args.seeds, {seed for study in studies for seed in study["seeds"]})
     except StudyError as err:
         print(f"experiments: error: {err}", file=sys.stderr)
         return 2
@@ -201,6 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.train_only:
         print(f"wrote {args.report}")
     return 0
+
+
+def _check_known(kind: str, asked: Sequence[Any] | None, known: set[Any]) -> None:
+    """One line naming what ``--variants`` / ``--seeds`` asked for that no study has, and what the studies have."""
+    unknown = sorted(set(asked or ()) - known)
+    if unknown:
+        raise StudyError(f"unknown {kind}(s) {unknown}; the studies have: {', '.join(map(str, sorted(known)))}")
 
 
 def _run(args: argparse.Namespace, studies: list[dict[str, Any]]) -> None:

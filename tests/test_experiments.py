@@ -330,3 +330,28 @@ def test_running_one_shipped_study_keeps_every_study_in_the_report(tmp_path):
     assert [s["name"] for s in run.report_studies(one)] == shipped  # the shared REPORT.md keeps all sections
     tiny = study_files.find_studies([str(_study(tmp_path))])
     assert [s["name"] for s in run.report_studies(tiny)] == ["tiny_study"]  # a study of one's own: its own report
+
+
+def test_a_trained_run_whose_checkpoints_are_gone_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A fresh clone has the committed run records (``train.json``) without the git-ignored checkpoints: an
+    evaluation still to do names the missing file and how to train again, instead of failing inside torch.load."""
+    from experiments import evaluation
+
+    path = _study(tmp_path)
+    study = study_files.find_studies([str(path)])[0]
+    spec = study_files.run_specs(study)[0]
+    run_dir = tmp_path / "runs" / spec["id"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.json").write_text(json.dumps({"checkpoints": [[2, "step=000002.ckpt"], [4, "last.ckpt"]]}))
+    with pytest.raises(study_files.StudyError) as err:
+        evaluation.evaluate_run(spec, study, tmp_path / "runs", None)
+    assert str(err.value) == (
+        f"run {spec['id']} ({spec['variant']}, seed 0) was trained, but evaluation 'curve' needs"
+        f" ckpts/step=000002.ckpt and it is gone (checkpoints are not committed); delete {run_dir} to train the run"
+        " again"
+    )
+    monkeypatch.setattr(evaluation, "real_floor", lambda *a: {})
+    monkeypatch.setattr(run, "train_run", lambda spec, *a: {})
+    argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"), "--variants", "linear"]
+    assert run.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"experiments: error: {err.value}"]
