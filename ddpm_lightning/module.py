@@ -48,12 +48,19 @@ def lr_decay_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -
 
 
 class _DecayRatio:
-    """``f(k) / f(k - 1)`` of :func:`lr_decay_factor`, for a chainable ``MultiplicativeLR`` (picklable)."""
+    """``f(k) / f(k - 1)`` of :func:`lr_decay_factor`, for a chainable ``MultiplicativeLR`` (picklable).
 
-    def __init__(self, kind: str, warmup_steps: int, total_steps: int) -> None:
+    ``total_steps`` is set when training starts (:meth:`DiffusionModule.on_train_start`), or restored with the
+    scheduler's state on a resume: asking the trainer for it in ``configure_optimizers`` would build the training
+    loader before the checkpoint's loader position is restored, and a run resumed mid-epoch would start its epoch over.
+    """
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int | None = None) -> None:
         self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
 
     def __call__(self, step: int) -> float:
+        if self.total_steps is None:
+            raise RuntimeError("lr_decay stepped before training started (its total step count is not known yet)")
         prev = lr_decay_factor(self.kind, step - 1, self.warmup_steps, self.total_steps)
         return lr_decay_factor(self.kind, step, self.warmup_steps, self.total_steps) / prev if prev > 0 else 0.0
 
@@ -236,6 +243,13 @@ class DiffusionModule(L.LightningModule):
             "rate, keep gradient_clip_val, or use bf16-mixed / 32-true rather than 16-mixed)"
         )
 
+    def on_train_start(self) -> None:
+        # the decay's length, now that the training loader exists (with its resumed position); a resumed run keeps
+        # the length its checkpoint's scheduler state restored
+        decay = getattr(self, "_lr_decay", None)
+        if decay is not None and decay.total_steps is None:
+            decay.total_steps = int(self.trainer.estimated_stepping_batches)
+
     # -- compilation -------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         # here, not in configure_model: the EMA callback has copied the module in its setup, so the copy stays eager
@@ -283,17 +297,16 @@ class DiffusionModule(L.LightningModule):
                 optimizer, start_factor=1.0 / self.hparams.warmup_steps, total_iters=self.hparams.warmup_steps
             )
             schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
+        self._lr_decay = None
         if self.hparams.get("lr_decay", "none") != "none":
-            total = trainer.estimated_stepping_batches if trainer is not None else math.inf
-            if not math.isfinite(total):
+            if trainer is None or (trainer.max_steps == -1 and trainer.max_epochs in (None, -1)):
                 raise ValueError(
                     "model.lr_decay anneals to 0 at the end of training: set trainer.max_steps or trainer.max_epochs "
                     "(max_time alone gives no end step)"
                 )
             # chainable (it multiplies the lr it finds, as the warm-up and StepLR do): step k's ratio f(k) / f(k - 1)
-            decay = torch.optim.lr_scheduler.MultiplicativeLR(
-                optimizer, _DecayRatio(self.hparams.lr_decay, self.hparams.warmup_steps, int(total))
-            )
+            self._lr_decay = _DecayRatio(self.hparams.lr_decay, self.hparams.warmup_steps)
+            decay = torch.optim.lr_scheduler.MultiplicativeLR(optimizer, self._lr_decay)
             schedulers.append({"scheduler": decay, "interval": "step", "name": "lr_decay"})
         if self.lr_scheduler_factory is not None:
             schedulers.append(
