@@ -27,7 +27,10 @@ def test_sigkill_mid_epoch_then_resume_last_equals_the_uninterrupted_run(shared_
     with ``--ckpt_path last`` (from the newest earlier run). Everything matches the uninterrupted run bitwise:
     float ops on CPU are deterministic, and the resume restores data order, RNG, optimizer, schedulers and EMA."""
     fragment = write_fragment(tmp_path / "run.yaml", shared_data, steps_per_epoch=6, epochs=2, ckpt_every=3)
-    args = ["fit", *recipe_args("mnist.yaml", fragment)]  # dropout 0.1, per-step warm-up, StepLR per epoch
+    # dropout 0.1, per-step warm-up and linear decay, and a StepLR per epoch chained after them
+    step_lr = "--model.lr_scheduler={class_path: torch.optim.lr_scheduler.StepLR, "
+    step_lr += "init_args: {step_size: 1, gamma: 0.5}}"
+    args = ["fit", *recipe_args("mnist.yaml", fragment), step_lr, "--model.lr_scheduler_interval=epoch"]
 
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir()
