@@ -50,9 +50,10 @@ def lr_decay_factor(kind: str, step: int, warmup_steps: int, total_steps: int) -
 class _DecayRatio:
     """``f(k) / f(k - 1)`` of :func:`lr_decay_factor`, for a chainable ``MultiplicativeLR`` (picklable).
 
-    ``total_steps`` is set when training starts (:meth:`DiffusionModule.on_train_start`), or restored with the
-    scheduler's state on a resume: asking the trainer for it in ``configure_optimizers`` would build the training
-    loader before the checkpoint's loader position is restored, and a run resumed mid-epoch would start its epoch over.
+    ``total_steps`` is set when training starts (:meth:`DiffusionModule.on_train_start`), from the trainer of that
+    ``fit``: a run resumed with a larger ``max_steps`` decays to 0 at the new end, from the lr it had reached. (Asking
+    the trainer in ``configure_optimizers`` would build the training loader before the checkpoint restores its
+    position, and a run resumed mid-epoch would start its epoch over.)
     """
 
     def __init__(self, kind: str, warmup_steps: int, total_steps: int | None = None) -> None:
@@ -244,10 +245,10 @@ class DiffusionModule(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
-        # the decay's length, now that the training loader exists (with its resumed position); a resumed run keeps
-        # the length its checkpoint's scheduler state restored
+        # the decay's length, now that the training loader exists (with its resumed position); on a resume this
+        # replaces the length restored with the scheduler's state, so the decay ends where this fit ends
         decay = getattr(self, "_lr_decay", None)
-        if decay is not None and decay.total_steps is None:
+        if decay is not None:
             decay.total_steps = int(self.trainer.estimated_stepping_batches)
 
     # -- compilation -------------------------------------------------------------------------------------------

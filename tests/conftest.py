@@ -50,7 +50,11 @@ torch.set_num_threads(int(os.environ.get("DDPM_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    # a test that set the thread count (the experiments runner does) must not change the float sums of the next:
+    # the bitwise resume tests compare an in-process run with a 1-thread subprocess
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -352,6 +352,7 @@ def test_a_trained_run_whose_checkpoints_are_gone_is_a_one_line_error(tmp_path, 
     )
     monkeypatch.setattr(evaluation, "real_floor", lambda *a: {})
     monkeypatch.setattr(run, "train_run", lambda spec, *a: {})
-    argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"), "--variants", "linear"]
+    argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"), "--threads", "1"]
+    argv += ["--variants", "linear"]
     assert run.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"experiments: error: {err.value}"]

@@ -294,6 +294,33 @@ def test_fused_optimizer_is_clipped_under_bf16_mixed_and_refused_with_fp16(tmp_p
         model.configure_optimizers()
 
 
+def test_lr_decay_resumed_with_a_larger_max_steps_decays_to_the_new_end(tmp_path):
+    """Stopped at step 2 of a 4-step run and resumed with max_steps 8: the decay goes on from the lr reached
+    (0.01 x (1 - 2/4)) and ends at step 8, not at the first run's 4 (where it would have trained on at lr 0)."""
+    from functools import partial
+
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2 and not trainer.ckpt_path:
+                trainer.should_stop = True
+
+    def fit(max_steps, **kw):
+        model = _tiny_model(optimizer=partial(torch.optim.SGD, lr=0.01), warmup_steps=0, lr_decay="linear")
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = _trainer(tmp_path, max_epochs=-1, max_steps=max_steps, callbacks=[Record(), ckpt])
+        trainer.fit(model, _loader(32), **kw)
+
+    fit(4)
+    assert lrs == pytest.approx([0.01, 0.0075], rel=1e-12)
+    fit(8, ckpt_path=tmp_path / "last.ckpt")
+    assert lrs[2:] == pytest.approx([0.005 * (1 - k / 8) / (1 - 2 / 8) for k in range(2, 8)], rel=1e-12)
+
+
 def test_lr_decay_resumes_on_schedule(tmp_path):
     """Stopped at step 4 of 10 and resumed from last.ckpt, the lr goes on exactly as in the straight run."""
     from functools import partial
