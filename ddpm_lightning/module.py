@@ -200,6 +200,7 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._compiled = False  # the network is compiled once, by the first fit
+        self._lr_decay: _DecayRatio | None = None  # set by configure_optimizers when lr_decay is not "none"
 
     # -- conditioning ------------------------------------------------------------------------------------------
     @property
@@ -247,9 +248,8 @@ class DiffusionModule(L.LightningModule):
     def on_train_start(self) -> None:
         # the decay's length, now that the training loader exists (with its resumed position); on a resume this
         # replaces the length restored with the scheduler's state, so the decay ends where this fit ends
-        decay = getattr(self, "_lr_decay", None)
-        if decay is not None:
-            decay.total_steps = int(self.trainer.estimated_stepping_batches)
+        if self._lr_decay is not None:
+            self._lr_decay.total_steps = int(self.trainer.estimated_stepping_batches)
 
     # -- compilation -------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
