@@ -377,7 +377,8 @@ class DiffusionModule(L.LightningModule):
             if y.shape != (num_samples,):
                 raise ValueError(f"labels must have shape ({num_samples},), got {tuple(y.shape)}")
         if self.conditional:
-            denoise = guided_denoise_fn(self.net, y, config.guidance_scale, self.net.null_label)
+            guide_at = config.guide_at(self.diffusion)
+            denoise = guided_denoise_fn(self.net, y, config.guidance_scale, self.net.null_label, guide_at)
         else:
             denoise = self._denoise_fn(None)
         shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)

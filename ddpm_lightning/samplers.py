@@ -191,6 +191,7 @@ def guided_denoise_fn(
     y: Tensor | None,
     guidance_scale: float,
     null_label: int,
+    guide_at: Callable[[Tensor], Tensor] | None = None,
 ) -> DenoiseFn:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): output_uncond + w (output_cond - output_uncond).
 
@@ -203,6 +204,9 @@ def guided_denoise_fn(
         guidance_scale: w. w = 1: purely conditional (one forward pass); w = 0: purely unconditional (one pass
             with y = null_label); otherwise one batched forward of [cond; uncond] (2B).
         null_label: the label index the model was trained with for "no class".
+        guide_at: t (B,) -> (B,) bool, where to guide (a limited guidance interval,
+            :meth:`~ddpm_lightning.sampling.SamplingConfig.guide_at`); elsewhere the conditional output, and a step
+            guided nowhere is one conditional pass. None: guide at every t.
 
     Returns:
         denoise_fn(x_t, t) -> guided output (B, C, H, W).
@@ -216,8 +220,14 @@ def guided_denoise_fn(
         return lambda x, t: model(x, t, y_null)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
+        inside = None if guide_at is None else guide_at(t)
+        if inside is not None and not bool(inside.any()):
+            return model(x, t, y)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))  # (2B, C, H, W)
         cond, uncond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        guided = uncond + guidance_scale * (cond - uncond)
+        if inside is None or bool(inside.all()):
+            return guided
+        return torch.where(inside.view(-1, *[1] * (guided.dim() - 1)), guided, cond)
 
     return denoise
