@@ -320,9 +320,12 @@ def _plot_curves(per_variant, png: Path, title: str, x_scale: dict[str, float] |
 
 def _plot_sweep(study, results, png: Path) -> None:
     """Metrics and time per sample against the study's ``sweep`` setting, one line per sampler (and guidance scale,
-    unless guidance is what is swept)."""
-    plt = _plt()
+    unless guidance is what is swept); a setting that is not one number (``guidance_interval``) is a frontier."""
     x_key = study["sweep"]
+    if x_key == "guidance_interval":
+        _plot_frontier(study, results, png)
+        return
+    plt = _plt()
     lines: dict = defaultdict(list)
     for ev_name, per_variant in results.items():
         ev = study["evaluations"][ev_name]
@@ -355,6 +358,36 @@ def _plot_sweep(study, results, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def _plot_frontier(study, results, png: Path) -> list[tuple[str, float, float]]:
+    """FID against conditional accuracy, one point per evaluation labelled by its ``sweep`` setting (mean over
+    seeds): the trade-off a setting that is not one number moves along. Returns the points (label, accuracy %, FID)."""
+    plt = _plt()
+    key = study["sweep"]
+    points = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for ev_name, per_variant in results.items():
+        value = study["evaluations"][ev_name].get(key)
+        for seeds in per_variant.values():
+            finals = [r[-1][1] for r in seeds.values()]
+            if not all("cond_acc" in f for f in finals):
+                continue
+            acc = statistics.fmean(100 * f["cond_acc"] for f in finals)
+            fid = statistics.fmean(f["fid_classifier"] for f in finals)
+            label = "none" if value is None else "(" + ", ".join(f"{v:g}" for v in value) + "]"
+            points.append((label, acc, fid))
+            ax.plot(acc, fid, "o", color="C0" if value is not None else "C3")
+            ax.annotate(label, (acc, fid), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set(xlabel="cond. accuracy (%, higher is better)", ylabel="FID (classifier, lower is better)")
+    ax.set_title(f"FID against accuracy by {key}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.suptitle(study["title"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return points
 
 
 def _plot_loss(train, png: Path, title: str) -> bool:

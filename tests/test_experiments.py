@@ -356,3 +356,26 @@ def test_a_trained_run_whose_checkpoints_are_gone_is_a_one_line_error(tmp_path, 
     argv += ["--variants", "linear"]
     assert run.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"experiments: error: {err.value}"]
+
+
+def test_a_guidance_interval_sweep_is_drawn_as_fid_against_accuracy(tmp_path) -> None:
+    """An interval is two numbers: the sweep's picture is the FID / accuracy frontier, seeds averaged, labelled."""
+    from experiments import report
+
+    def finals(fid: float, acc: float | None) -> dict:
+        return {"fid_classifier": fid, **({"cond_acc": acc} if acc is not None else {})}
+
+    study = {
+        "title": "t",
+        "sweep": "guidance_interval",
+        "evaluations": {"plain": {}, "gi": {"guidance_interval": [1.0, 10.0]}, "uncond": {}},
+    }
+    results = {
+        "plain": {"v": {42: [(795, finals(38.0, 0.998))], 43: [(795, finals(36.0, 0.996))]}},
+        "gi": {"v": {42: [(795, finals(20.0, 0.99))]}},
+        "uncond": {"u": {42: [(795, finals(100.0, None))]}},  # no accuracy (an unconditional model): left out
+    }
+    png = tmp_path / "frontier.png"
+    points = report._plot_frontier(study, results, png)
+    assert points == [("none", pytest.approx(99.7), 37.0), ("(1, 10]", pytest.approx(99.0), 20.0)]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
