@@ -168,9 +168,11 @@ def _study_section(study, runs_dir: Path, report_dir: Path, figures: Path, make_
     if grids:
         g = {"num_samples": 80, "num_steps": 50, "guidance_scale": 1.0, **(study.get("grid") or {})}
         sampler = g.get("sampler", "ddim").upper()
+        interval = " in sigma ({:g}, {:g}]".format(*g["guidance_interval"]) if g.get("guidance_interval") else ""
         out += [
             f"Samples of the last checkpoint (EMA weights, seed {study['seeds'][0]} run; {sampler}"
-            f" {g['num_steps']} steps, guidance {g['guidance_scale']}; one row per class for conditional models):",
+            f" {g['num_steps']} steps, guidance {g['guidance_scale']}{interval}; one row per class for conditional"
+            " models):",
             "",
             "| variant | samples |",
             "|---|---|",
