@@ -282,7 +282,7 @@ def _interval(value: Any) -> tuple[float, float]:
     if not numbers or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value):
         raise ValueError(f"{form}, got {value!r}")
     low, high = float(value[0]), float(value[1])
-    if not (math.isfinite(low) and 0 <= low < high and not math.isnan(high)):
+    if not (math.isfinite(low) and 0 <= low < high):  # a NaN fails the comparison
         raise ValueError(f"{form}, got {value!r}")
     return low, high
 
@@ -307,7 +307,7 @@ def sample(
     ``sample(f, diffusion, (16, 1, 28, 28), SamplingConfig(sampler="ddim", num_steps=25))``.
 
     Guidance is already inside ``denoise_fn`` (:func:`ddpm_lightning.samplers.guided_denoise_fn`), so
-    ``config.guidance_scale`` is not used here.
+    ``config.guidance_scale`` and ``config.guidance_interval`` are not used here.
     """
     config = SamplingConfig.of(config, **changes)
     common = dict(generator=generator, device=device, x_T=x_T, return_trajectory=return_trajectory, progress=progress)
