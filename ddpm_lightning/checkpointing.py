@@ -110,8 +110,35 @@ def _whole_pickle(path: _PATH) -> bool:
         return False
 
 
+def atomic_save(obj: Any, target: str | os.PathLike) -> None:
+    """``torch.save`` to ``.<name>.<random>.tmp`` beside ``target``, fsync, then ``os.replace`` it into place.
+
+    A kill at any moment leaves the previous file or the new one, never half of one; and writers racing for the same
+    target (the ranks of a DDP job caching the same statistics) each rename their own temporary file, the last wins.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # same file system as the target
+    try:
+        with open(tmp, "xb") as f:  # the usual permissions (umask), unlike mkstemp's 0600
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, target)  # atomic on POSIX within one file system
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with suppress(OSError):  # make the rename itself durable; not possible on every file system
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.<name>.<random>.tmp`` beside the target, fsync, then ``os.replace`` it into place.
+    """Checkpoints written by :func:`atomic_save`, after removing the temporary files of a writer killed earlier.
 
     Remote paths (``s3://``, ...) fall back to Lightning's own save. Loading is Lightning's, with the errors of an
     unreadable or unsafe file turned into :class:`CheckpointLoadError`.
@@ -122,26 +149,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed while writing
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # one writer per checkpoint: rank 0
             stale.unlink(missing_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # same file system as the target
-        try:
-            with open(tmp, "xb") as f:  # the usual permissions (umask), unlike mkstemp's 0600
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-            os.replace(tmp, target)  # atomic on POSIX within one file system
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with suppress(OSError):  # make the rename itself durable; not possible on every file system
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_save(checkpoint, target)
 
     def load_checkpoint(
         self,

@@ -59,3 +59,30 @@ def test_sigkill_while_saving_never_leaves_a_torn_checkpoint(tmp_path):
         assert torch.equal(ckpt["w"], torch.full((2_000_000,), float(ckpt["i"])))
     AtomicCheckpointIO().save_checkpoint({"i": 0}, target)  # the next save clears what a kill left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_concurrent_writers_of_one_target_all_succeed(tmp_path):
+    """The ranks of a DDP job cache the same reference statistics at once: each writes through its own temporary file
+    (a shared ``.tmp`` name made one rank's rename fail and the job hang up on the other)."""
+    import threading
+
+    from ddpm_lightning.checkpointing import atomic_save
+
+    target, errors = tmp_path / "stats.pt", []
+
+    def write(rank: int) -> None:
+        try:
+            for i in range(30):
+                atomic_save({"rank": rank, "i": i, "w": torch.full((20_000,), float(rank))}, target)
+        except BaseException as err:  # noqa: BLE001 - every failure of a writer is the finding
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(rank,)) for rank in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    blob = torch.load(target, weights_only=True)
+    assert blob["i"] == 29 and torch.equal(blob["w"], torch.full((20_000,), float(blob["rank"])))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.pt"]  # no temporary file left behind

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ddpm_lightning.checkpointing import atomic_save
 from ddpm_lightning.data.base import ImageDataModule
 from ddpm_lightning.images import to_uint8
 from ddpm_lightning.metrics.stats import FeatureStats
@@ -116,9 +117,7 @@ def reference_stats(
     images, _ = datamodule.real_images(split, num, seed)
     features, logits = extract(extractor, images)
     stats = FeatureStats.from_features(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "stats": stats.to_dict(), "logits": logits}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves half a file
+    # every rank of a DDP job computes the same statistics and writes them: each through its own temporary file
+    atomic_save({"key": key, "stats": stats.to_dict(), "logits": logits}, path)
     rank_zero_info(f"reference statistics computed ({stats.num} images) and cached at {path}")
     return stats, logits, path
