@@ -36,6 +36,7 @@ from experiments.study import (
     StudyError,
     checkpoint_files,
     config_digests,
+    config_file_digests,
     find_studies,
     run_specs,
 )
@@ -84,17 +85,29 @@ def fit_command(train: dict[str, Any], run_dir: Path, data_root: str | None) -> 
     return cmd
 
 
+def config_unchanged(record: dict[str, Any], train: dict[str, Any]) -> bool:
+    """Whether the base configs still say what they said about training when the run recorded in ``record`` was
+    trained: its ``training_config_sha256`` (:func:`~experiments.study.config_digests`), or for runs recorded before
+    that, the files' bytes (``config_sha256``); a record with neither predates the check."""
+    if "training_config_sha256" in record:
+        return record["training_config_sha256"] == config_digests(train)
+    return record.get("config_sha256") in (None, config_file_digests(train))
+
+
 def train_run(spec: dict[str, Any], runs_dir: Path, data_root: str | None, threads: int) -> dict[str, Any]:
     """Train one run unless ``train.json`` says it is done; returns that record."""
     run_dir = runs_dir / spec["id"]
     done = run_dir / "train.json"
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("config_sha256") not in (None, config_digests(spec["train"])):
+        if not config_unchanged(record, spec["train"]):
             raise StudyError(
                 f"a base config of run {spec['id']} ({', '.join(spec['train']['base'])}) changed since it was trained;"
                 f" revert it, or delete {run_dir} to train again"
             )
+        if "training_config_sha256" not in record:  # recorded before the digest left out the sampling sections
+            record["training_config_sha256"] = config_digests(spec["train"])
+            done.write_text(json.dumps(record, indent=2))
         return record
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec["train"], indent=2))
@@ -120,7 +133,7 @@ def train_run(spec: dict[str, Any], runs_dir: Path, data_root: str | None, threa
         "epochs": int(state["epoch"]),
         "threads": threads,
         "checkpoints": [[step, path.name] for step, path in checkpoint_files(run_dir)],
-        "config_sha256": config_digests(spec["train"]),
+        "training_config_sha256": config_digests(spec["train"]),
     }
     done.write_text(json.dumps(record, indent=2))
     print(f"[train] {spec['id']} done: {record['global_step']} steps in {seconds / 60:.1f} min", flush=True)

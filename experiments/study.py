@@ -183,8 +183,30 @@ def minutes_per_step(study: dict[str, Any], variant: str) -> float | None:
     return minutes / steps if steps else None
 
 
+#: sections of a recipe that decide only how samples are drawn after training (``ddpm sample`` / ``ddpm test``)
+SAMPLING_ONLY_SECTIONS = (("metrics",), ("model", "sampling"))
+
+
+def training_sections(config: dict[str, Any]) -> dict[str, Any]:
+    """A parsed recipe without :data:`SAMPLING_ONLY_SECTIONS` (and, being parsed, without its comments)."""
+    config = json.loads(json.dumps(config))  # a deep copy
+    for *parents, key in SAMPLING_ONLY_SECTIONS:
+        section = config
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(key, None)
+    return config
+
+
 def config_digests(train: dict[str, Any]) -> dict[str, str]:
-    """SHA-256 (12 hex digits) of each base config file: a finished run is reused only while they are unchanged."""
+    """SHA-256 (12 hex digits) of what each base config says about training (:func:`training_sections`): a finished
+    run is reused while that is unchanged, so a recipe's comments and default sampler can change under it."""
+    return {cfg: digest(training_sections(yaml.safe_load((ROOT / cfg).read_text()) or {}), 12) for cfg in train["base"]}
+
+
+def config_file_digests(train: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 (12 hex digits) of each base config file's bytes: what runs recorded before :func:`config_digests`."""
     return {cfg: hashlib.sha256((ROOT / cfg).read_bytes()).hexdigest()[:12] for cfg in train["base"]}
 
 

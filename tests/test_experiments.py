@@ -134,11 +134,38 @@ def test_runner_trains_evaluates_reports_and_skips_done_work(tmp_path, shared_da
     assert _main(study_path, tmp_path, shared_data, "--report_only") == 0
     assert (tmp_path / "out" / "REPORT.md").read_text() == report
 
-    # a finished run is not silently reused once its base config has changed
-    with open(tmp_path / "tiny.yaml", "a") as f:
-        f.write("# edited\n")
+    # a recipe's comments and its sampling-only sections are not its training: the finished run is still reused
+    sampling = {"guidance_scale": 3.0, "guidance_interval": [1.0, 10.0]}
+    edited = {**TINY_CONFIG, "model": {**TINY_CONFIG["model"], "sampling": sampling}, "metrics": {"num_samples": 10}}
+    (tmp_path / "tiny.yaml").write_text("# edited\n" + yaml.safe_dump(edited))
+    assert _main(study_path, tmp_path, shared_data, "--train_only") == 0
+    assert (run_dir / "attempts.jsonl").read_text().count("\n") == 2  # no new fit attempt
+    # ... but not once what it says about training has changed
+    edited["model"]["base_channels"] = 16
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(edited))
     assert _main(study_path, tmp_path, shared_data, "--train_only") == 2
     assert "changed since it was trained" in capsys.readouterr().err
+
+
+def test_runs_recorded_with_the_file_digest_are_checked_by_it_and_upgraded(tmp_path):
+    """Records written before the training-sections digest carry the config file's byte digest: still honoured."""
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("# a recipe\n" + yaml.safe_dump(TINY_CONFIG))
+    train = {"base": [str(cfg)]}
+    legacy = {"config_sha256": study_files.config_file_digests(train)}
+    assert run.config_unchanged(legacy, train) and run.config_unchanged({}, train)
+    assert not run.config_unchanged({"config_sha256": {str(cfg): "0" * 12}}, train)
+    current = {"training_config_sha256": study_files.config_digests(train)}
+    cfg.write_text(yaml.safe_dump({**TINY_CONFIG, "metrics": {"seed": 3}}))  # bytes changed, training not
+    assert run.config_unchanged(current, train) and not run.config_unchanged(legacy, train)
+
+    spec = {"id": "recipe-0", "train": train}
+    (tmp_path / "recipe-0").mkdir()
+    done = tmp_path / "recipe-0" / "train.json"
+    done.write_text(json.dumps({"global_step": 4}))
+    record = run.train_run(spec, tmp_path, None, 1)  # no digest at all: reused, and given the current one
+    assert record["training_config_sha256"] == current["training_config_sha256"]
+    assert json.loads(done.read_text())["training_config_sha256"] == current["training_config_sha256"]
 
 
 @pytest.mark.slow
