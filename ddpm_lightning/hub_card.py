@@ -121,8 +121,11 @@ def _metrics(metrics: list[dict[str, Any]]) -> list[str]:
     for m in metrics:
         s, r = m.get("settings", {}), m.get("results", {})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if not k.endswith("seconds") and "seconds" not in k)
+        guidance = s.get("guidance_scale")
+        if s.get("guidance_interval"):  # guided only at noise levels sigma in (lo, hi]
+            guidance = f"{guidance} at sigma in ({s['guidance_interval'][0]:g}, {s['guidance_interval'][1]:g}]"
         rows.append(
-            f"| `{m['file']}` | {s.get('sampler')} | {s.get('num_steps')} | {s.get('guidance_scale')} | "
+            f"| `{m['file']}` | {s.get('sampler')} | {s.get('num_steps')} | {guidance} | "
             f"{s.get('num_samples')} | {shown} |"
         )
     return rows

@@ -51,7 +51,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     cache = tmp_path / "cache"
 
     main(_test_args(shared_data, tiny_checkpoint, cache))
-    files = sorted(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed0.json"))
+    files = sorted(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-gi1-10-n40-seed0.json"))
     assert len(files) == 1
     first = json.loads(files[0].read_text())
     res = first["results"]
@@ -66,6 +66,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
         0,
         "test",
     )
+    assert s["guidance_interval"] == [1.0, 10.0]  # the recipe guides only at noise levels in (1, 10]
     assert first["extractors"]["classifier"].startswith("classifier-mnist-")
     assert "reference statistics computed" in caplog.text and len(list(cache.glob("*.pt"))) == 1
 
@@ -79,7 +80,7 @@ def test_ddpm_test_writes_json_and_reuses_reference_stats(
     caplog.clear()
     nll = ["--metrics.nll=true", "--metrics.nll_num_images=3"]  # the variational bound of 3 test digits
     main(_test_args(shared_data, tiny_checkpoint, cache, ["--metrics.seed=1", "--metrics.background=true", *nll]))
-    other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed1.json")).read_text())
+    other = json.loads(next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-gi1-10-n40-seed1.json")).read_text())
     assert other["results"]["fid_classifier"] != res["fid_classifier"]
     # a few steps of training leave grey where real digits are black (real test digits: ~0.0001)
     assert 0.01 < other["results"]["background_noise"] <= 1 and other["settings"]["background"] is True
@@ -103,7 +104,7 @@ def test_ddp_two_processes_give_the_single_process_fid(tiny_checkpoint, shared_d
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         errors = [line for line in proc.stderr.splitlines() if "Error" in line]  # every rank's, not the last one's
         assert proc.returncode == 0, "\n".join(errors)[-2000:] + "\n" + proc.stderr[-2000:]
-        path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-n40-seed7.json"))
+        path = next(tiny_checkpoint.parent.glob("last.metrics.ddim5-w3-gi1-10-n40-seed7.json"))
         results[devices] = json.loads(path.read_text())
         path.unlink()
     assert results[2]["world_size"] == 2

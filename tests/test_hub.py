@@ -285,12 +285,14 @@ def test_export_checkpoint_writes_card_and_one_line_errors(tmp_path):
     torch.save({**payload, "pytorch-lightning_version": L.__version__, "global_step": 1234, "epoch": 5}, ckpt)
     run = {"data": {"class_path": "ddpm_lightning.data.MNISTDataModule", "init_args": {"root": "/x", "batch_size": 8}}}
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run))
-    result = {"results": {"fid_classifier": 12.5, "seconds": 3.0}, "settings": {"sampler": "ddim", "num_steps": 25}}
-    (ckpt.parent / "last.metrics.ddim25-w3-n1000-seed0.json").write_text(json.dumps(result))
+    settings = {"sampler": "ddim", "num_steps": 25, "guidance_scale": 3.0, "guidance_interval": [1.0, 10.0]}
+    result = {"results": {"fid_classifier": 12.5, "seconds": 3.0}, "settings": settings}
+    (ckpt.parent / "last.metrics.ddim25-w3-gi1-10-n1000-seed0.json").write_text(json.dumps(result))
     out = tmp_path / "export"
     main(["export", f"--ckpt_path={ckpt}", f"--out_dir={out}"])  # the command; export_checkpoint underneath
     card = (out / "README.md").read_text()
     assert "1,234" in card and "MNISTDataModule" in card and "fid_classifier 12.5" in card and "root" not in card
+    assert "| ddim | 25 | 3.0 at sigma in (1, 10] | " in card
     unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
     assert max_delta(module, unet) <= 1e-4
 

@@ -150,7 +150,8 @@ def test_config_is_a_recipe_or_the_commands_own_options_applied_in_order(tmp_pat
 
 
 def test_sigma_range_flags_tell_null_from_unset():
-    """``--sigma_max null`` is the schedule's end; an unset flag keeps the base config's value."""
+    """``--sigma_max null`` is the schedule's end, ``--guidance_interval null`` every step; an unset flag keeps the
+    base config's value."""
     from ddpm_lightning.commands.base import add_sampling_arguments, new_parser, sampling_from
 
     parser = new_parser("ddpm x", "")
@@ -161,6 +162,13 @@ def test_sigma_range_flags_tell_null_from_unset():
     changed = sampling_from(parser.parse_args(["--sigma_max", "5", "--sigma_min", "0.1"]), base)
     assert (changed.sigma_max, changed.sigma_min) == (5.0, 0.1)
     assert SamplingConfig.of({"sampler": "unipc", "spacing": "karras", "sigma_min": None}).sigma_min is None
+    # the recipe guides in sigma (1, 10]: --guidance_interval null guides every step, --spacing null is the solver's
+    guided = SamplingConfig(sampler="unipc", guidance_scale=3.0, guidance_interval=(1.0, 10.0), spacing="karras")
+    assert sampling_from(parser.parse_args([]), guided) == guided
+    every = sampling_from(parser.parse_args(["--guidance_interval", "null", "--spacing", "null"]), guided)
+    assert (every.guidance_interval, every.spacing, every.guidance_scale) == (None, None, 3.0)
+    narrower = sampling_from(parser.parse_args(["--guidance_interval", "[1.5, 10]"]), guided)
+    assert narrower.guidance_interval == (1.5, 10.0)
     assert SamplingConfig(sampler="heun", num_steps=5).tag() == "heun5-w1"  # file names tell the ranges apart
     full = SamplingConfig(sampler="heun", num_steps=5, sigma_max=None, sigma_min=0.01)
     assert full.tag() == "heun5-smaxend-smin0.01-w1"

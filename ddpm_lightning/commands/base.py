@@ -29,12 +29,12 @@ from ddpm_lightning.sampling import SamplingConfig
 
 RECIPE_SECTIONS = ("model", "data", "trainer")
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
-#: fields whose None is a value (sigma_max: null = the schedule's end), not "unset": their flags are left out of the
-#: parsed options unless given
+#: fields whose None is a value (sigma_max: null = the schedule's end; guidance_interval: null = guide every step;
+#: spacing: null = the solver's own), not "unset": their flags are left out of the parsed options unless given
 NULLABLE_SAMPLING_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(SamplingConfig)
-    if f.default is not None and type(None) in typing.get_args(typing.get_type_hints(SamplingConfig)[f.name])
+    if type(None) in typing.get_args(typing.get_type_hints(SamplingConfig)[f.name])
 )
 
 
