@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ddpm_lightning.diffusion import (
@@ -249,7 +250,14 @@ class DiffusionModule(L.LightningModule):
         # the decay's length, now that the training loader exists (with its resumed position); on a resume this
         # replaces the length restored with the scheduler's state, so the decay ends where this fit ends
         if self._lr_decay is not None:
-            self._lr_decay.total_steps = int(self.trainer.estimated_stepping_batches)
+            self._lr_decay.total_steps = total = int(self.trainer.estimated_stepping_batches)
+            step, groups = self.trainer.global_step, self.trainer.optimizers[0].param_groups
+            if 0 < step < total and all(g["lr"] == 0 for g in groups):  # a finished run, resumed to train longer
+                rank_zero_warn(
+                    f"resumed at step {step} with learning rate 0 (lr_decay: {self.hparams.lr_decay} ended the "
+                    f"earlier run here): its {total - step} more steps cannot change the weights; to train longer, "
+                    "give the larger trainer.max_steps to the first fit (the decay follows it)"
+                )
 
     # -- compilation -------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -320,6 +320,12 @@ def test_lr_decay_resumed_with_a_larger_max_steps_decays_to_the_new_end(tmp_path
     fit(8, ckpt_path=tmp_path / "last.ckpt")
     assert lrs[2:] == pytest.approx([0.005 * (1 - k / 8) / (1 - 2 / 8) for k in range(2, 8)], rel=1e-12)
 
+    # a run that ended (lr decayed to 0 at its last step) and is resumed to train longer is told it cannot
+    lrs.clear()
+    with pytest.warns(UserWarning, match=r"resumed at step 8 with learning rate 0 .* its 4 more steps cannot change"):
+        fit(12, ckpt_path=tmp_path / "last.ckpt")
+    assert lrs == [0.0] * 4
+
 
 def test_lr_decay_resumes_on_schedule(tmp_path):
     """Stopped at step 4 of 10 and resumed from last.ckpt, the lr goes on exactly as in the straight run."""
